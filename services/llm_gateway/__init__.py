@@ -1,0 +1,1 @@
+"""agentmesh.llm_gateway"""
