@@ -46,7 +46,9 @@ def generate(out_root: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if the generated code is stale")
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +66,9 @@ def main() -> int:
                 or not filecmp.cmp(fresh / n, OUT_PACKAGE / n, shallow=False)
             )
             if stale:
-                print(f"gen_protos: agentmesh/v1 is stale against protos/: {', '.join(stale)}", file=sys.stderr)
+                print(
+                    f"gen_protos: agentmesh/v1 is stale against protos/: {', '.join(stale)}", file=sys.stderr
+                )
                 print("gen_protos: run `python scripts/gen_protos.py` and commit the result", file=sys.stderr)
                 return 1
             print("gen_protos: agentmesh/v1 is up to date")

@@ -16,7 +16,9 @@ def connect(url: str) -> Discovery:
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise DiscoveryError(f"bad discovery url {url!r}: expected etcd://host:port, consul://host:port or memory://")
+        raise DiscoveryError(
+            f"bad discovery url {url!r}: expected etcd://host:port, consul://host:port or memory://"
+        )
     if scheme == "memory":
         from agentmesh.discovery.memory import MemoryDiscovery
 

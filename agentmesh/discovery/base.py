@@ -48,7 +48,12 @@ class Endpoint:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, object]:
-        return {"service": self.service, "id": self.id, "address": self.address, "metadata": dict(self.metadata)}
+        return {
+            "service": self.service,
+            "id": self.id,
+            "address": self.address,
+            "metadata": dict(self.metadata),
+        }
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, object]) -> Endpoint:

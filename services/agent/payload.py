@@ -1,0 +1,122 @@
+"""Payload offloading: large history entries leave the message; only a reference travels.
+
+When a step adds a turn whose content is larger than ``offload_threshold_bytes``, the replica puts
+the content into a payload store and replaces it in the message with a :class:`PayloadRef`. Roles
+fetch content lazily (``Task.content``); the sink fetches everything once to write the record, then
+releases the task's payloads.
+
+* :class:`RayPayloadStore` — the Ray object store. Objects are owned by one per-run actor
+  (``ray.put(..., _owner=actor)``) that also pins them, so they outlive the replica that put them
+  (a replica may be killed) and are freed when the sink releases the task.
+* :class:`MemoryPayloadStore` — a dict, for replicas running in one process (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from typing import Any
+
+from agentmesh.v1 import orchestrator_pb2 as pb
+
+__all__ = ["MemoryPayloadStore", "PayloadStore", "RayPayloadStore", "payload_actor_name"]
+
+
+class PayloadStore(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def put(self, task_id: str, content: str) -> pb.PayloadRef: ...
+
+    @abc.abstractmethod
+    async def get(self, ref: pb.PayloadRef) -> str: ...
+
+    @abc.abstractmethod
+    async def release(self, task_id: str) -> None:
+        """Free every payload of ``task_id`` (the task reached the sink)."""
+
+
+class MemoryPayloadStore(PayloadStore):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, str]] = {}
+        self._seq = itertools.count()
+
+    async def put(self, task_id: str, content: str) -> pb.PayloadRef:
+        key = f"{task_id}/{next(self._seq)}"
+        self._data.setdefault(task_id, {})[key] = content
+        return pb.PayloadRef(store=self.name, key=key, size_bytes=len(content.encode()))
+
+    async def get(self, ref: pb.PayloadRef) -> str:
+        task_id = ref.key.rpartition("/")[0]
+        try:
+            return self._data[task_id][ref.key]
+        except KeyError:
+            raise KeyError(f"payload {ref.key!r} not found in the memory store") from None
+
+    async def release(self, task_id: str) -> None:
+        self._data.pop(task_id, None)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._data.values())
+
+
+def payload_actor_name(run_id: str) -> str:
+    return f"agentmesh-payloads-{run_id}"
+
+
+class _PayloadPins:
+    """Ray actor body: owns and pins the run's offloaded payloads, keyed by task."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, dict[str, Any]] = {}
+
+    def pin(self, task_id: str, key: str, refs: list[Any]) -> None:
+        self._refs.setdefault(task_id, {})[key] = refs[0]
+
+    def lookup(self, task_id: str, key: str) -> list[Any]:
+        return [self._refs[task_id][key]]  # a list keeps the ref unresolved on the way back
+
+    def release(self, task_id: str) -> int:
+        return len(self._refs.pop(task_id, {}))
+
+    def count(self) -> int:
+        return sum(len(v) for v in self._refs.values())
+
+
+class RayPayloadStore(PayloadStore):
+    name = "ray"
+
+    def __init__(self, run_id: str, *, create: bool = False) -> None:
+        import ray
+
+        actor_name = payload_actor_name(run_id)
+        if create:
+            cls = ray.remote(num_cpus=0.01, max_restarts=0)(_PayloadPins)
+            self._actor = cls.options(name=actor_name, get_if_exists=True).remote()  # type: ignore[attr-defined]
+        else:
+            self._actor = ray.get_actor(actor_name)
+        self._seq = itertools.count()
+
+    async def put(self, task_id: str, content: str) -> pb.PayloadRef:
+        import ray
+
+        data = content.encode()
+        key = f"{task_id}/{id(self)}-{next(self._seq)}"
+        ref = ray.put(data, _owner=self._actor)
+        await self._actor.pin.remote(task_id, key, [ref])
+        return pb.PayloadRef(store=self.name, key=key, size_bytes=len(data))
+
+    async def get(self, ref: pb.PayloadRef) -> str:
+        task_id = ref.key.rpartition("/")[0]
+        (obj_ref,) = await self._actor.lookup.remote(task_id, ref.key)
+        data: bytes = await obj_ref
+        return data.decode()
+
+    async def release(self, task_id: str) -> None:
+        await self._actor.release.remote(task_id)
+
+    async def count(self) -> int:
+        n: int = await self._actor.count.remote()
+        return n
