@@ -80,6 +80,10 @@ class _EtcdRegistration(Registration):
     def _start(self) -> None:
         self._task = asyncio.create_task(self._keepalive(), name=f"etcd-keepalive:{self._key.decode()}")
 
+    @staticmethod
+    def _refresh_call(lease_id: int) -> Callable[[aetcd.Client], Awaitable[Any]]:
+        return lambda c: c.refresh_lease(lease_id)
+
     async def _keepalive(self) -> None:
         interval = self._ttl / 3
         while True:
@@ -88,8 +92,7 @@ class _EtcdRegistration(Registration):
                 if self.lease_id is None:
                     await self._grant_and_put()
                     continue
-                lease_id = self.lease_id
-                reply = await self._discovery._rpc("lease keep-alive", lambda c: c.refresh_lease(lease_id))
+                reply = await self._discovery._rpc("lease keep-alive", self._refresh_call(self.lease_id))
                 if reply is None or reply.TTL <= 0:
                     # The lease is gone (expired while we could not reach etcd, or etcd lost its
                     # state): the key went with it. Take a new lease and write the key again.
@@ -191,10 +194,12 @@ class EtcdDiscovery(Discovery):
     def _connection_failed(self, client: aetcd.Client) -> None:
         # With one endpoint the gRPC channel reconnects by itself; with several, fail over to the
         # next member on the next call. Watches on the old client end and are re-opened by callers.
-        if len(self._endpoints) > 1 and self._client is client:
-            self._client = None
-            self._next_endpoint = (self._next_endpoint + 1) % len(self._endpoints)
-            asyncio.get_running_loop().create_task(client.close())
+        stale: Any = client
+        if len(self._endpoints) == 1 or self._client is not client:
+            return
+        self._client = None
+        self._next_endpoint = (self._next_endpoint + 1) % len(self._endpoints)
+        asyncio.get_running_loop().create_task(stale.close())
 
     async def _rpc(self, what: str, call: Callable[[aetcd.Client], Awaitable[_T]]) -> _T:
         client = await self._get_client()
