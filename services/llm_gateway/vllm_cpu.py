@@ -176,17 +176,7 @@ class VllmCpuServer:
             log_path.parent.mkdir(parents=True, exist_ok=True)
         self._current_log = log_path
         t0 = time.monotonic()
-        with open(log_path, "ab") as log_file:
-            log_file.write(f"$ {' '.join(self.command())}\n".encode())
-            log_file.flush()
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=vllm_cpu_env(self.extra_env),
-                start_new_session=True,  # its own process group, so stop() reaches the engine core
-            )
+        self._proc = self._spawn(log_path)
         log.info("vLLM CPU pid %d starting on %s (log %s)", self._proc.pid, self.base_url, log_path)
         try:
             await self._wait_healthy(t0)
@@ -196,6 +186,20 @@ class VllmCpuServer:
         self.startup_s = time.monotonic() - t0
         log.info("vLLM CPU %s ready in %.1fs", self.base_url, self.startup_s)
         return self.base_url
+
+    def _spawn(self, log_path: Path) -> subprocess.Popen[bytes]:
+        # Popen returns as soon as the child is forked: fine to call from the event loop.
+        with open(log_path, "ab") as log_file:
+            log_file.write(f"$ {' '.join(self.command())}\n".encode())
+            log_file.flush()
+            return subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=vllm_cpu_env(self.extra_env),
+                start_new_session=True,  # its own process group, so stop() reaches the engine core
+            )
 
     async def _wait_healthy(self, t0: float) -> None:
         assert self._proc is not None
