@@ -1,0 +1,120 @@
+"""Host a role replica in a Ray actor.
+
+Ray places the actor (fractional CPUs), restarts it if its process dies, and gives it the object
+store for offloaded payloads; the replica itself runs in an event loop of its own, on a thread
+the actor starts, so it owns its gRPC server whatever Ray does with the actor's methods. On SIGTERM
+(Slurm preemption, ``ray stop``) the replica drains: it leaves discovery, finishes what it holds,
+then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+__all__ = ["ReplicaHost", "replica_actor_class"]
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaHost:
+    """Body of the Ray actor: builds the role replica from the run config and serves it."""
+
+    def __init__(self, run: dict[str, Any], role_name: str, index: int) -> None:
+        self._run = run
+        self._role_name = role_name
+        self._index = index
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="agentmesh-replica", daemon=True)
+        self._thread.start()
+        self.replica: Any = None
+        self._address = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: Ray decides
+            pass
+
+    async def _start(self) -> str:
+        from agentmesh.agent.payload import RayPayloadStore
+        from agentmesh.agent.replica import AgentReplica, ReplicaLimits
+        from agentmesh.agent.routing import build_programs
+        from agentmesh.config import RunConfig
+        from agentmesh.discovery import EndpointCache, connect
+        from agentmesh.loader import load_object
+        from agentmesh.tracing import configure_tracing
+
+        cfg = RunConfig.from_dict(self._run["config"])
+        run_id: str = self._run["run_id"]
+        role = cfg.roles[self._role_name]
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_tracing(
+            f"agentmesh.{self._role_name}",
+            otlp_endpoint=cfg.tracing.otlp_endpoint,
+            sample_ratio=cfg.tracing.sample_ratio,
+        )
+        discovery = connect(self._run["discovery_url"])
+        cache = EndpointCache(discovery)
+        llm = None
+        if role.llm is not None:
+            from agentmesh.llm_gateway.client import LlmClient
+
+            llm = LlmClient(cfg.llms[role.llm].model, cache)
+        limits = cfg.limits
+        self.replica = AgentReplica(
+            role_name=self._role_name,
+            role_factory=load_object(role.cls, key=f"roles.{self._role_name}.class"),
+            run_id=run_id,
+            programs=build_programs(cfg.routing.programs),
+            discovery=discovery,
+            limits=ReplicaLimits(
+                concurrency=role.concurrency,
+                inbox=role.inbox,
+                max_attempts=limits.max_attempts,
+                retry_backoff_s=limits.retry_backoff_s,
+                retry_backoff_max_s=limits.retry_backoff_max_s,
+                max_hops=limits.max_hops,
+                offload_threshold_bytes=limits.offload_threshold_bytes,
+                max_message_bytes=limits.max_message_bytes,
+            ),
+            params=role.params,
+            payloads=RayPayloadStore(run_id),
+            llm=llm,
+            host=self._run.get("host", "127.0.0.1"),
+            replica_id=f"{self._role_name}-{self._index}-{os.getpid()}",
+            discovery_ttl_s=cfg.discovery.ttl_s,
+            endpoint_cache=cache,
+        )
+        return await self.replica.start()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: draining %s", self._role_name)
+
+        def _drain_and_exit() -> None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.replica.drain(), self._loop).result(timeout=60)
+            finally:
+                os._exit(0)
+
+        threading.Thread(target=_drain_and_exit, daemon=True).start()
+
+    def address(self) -> str:
+        return str(self._address)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.replica.stats)
+
+    def drain(self, grace_s: float = 30.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.replica.drain(grace_s), self._loop).result(timeout=grace_s + 10)
+
+
+def replica_actor_class() -> Any:
+    import ray
+
+    return ray.remote(ReplicaHost)
