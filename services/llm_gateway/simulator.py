@@ -75,11 +75,13 @@ from agentmesh.llm_gateway.sim_profiles import (
 
 __all__ = [
     "PROFILES",
+    "BadRequest",
     "BatchingCore",
     "OfflineResult",
     "OutputLenDist",
     "SimEngine",
     "SimRequestPlan",
+    "SimSequence",
     "SimulatedReplica",
     "SimulatorParams",
     "SimulatorStopped",
@@ -288,7 +290,7 @@ def plan_completion(params: SimulatorParams, body: dict[str, Any]) -> SimRequest
 _WAITING, _RUNNING, _FINISHED, _ABORTED = 0, 1, 2, 3
 
 
-class _Seq:
+class SimSequence:
     """One request inside the engine."""
 
     __slots__ = (
@@ -397,10 +399,10 @@ class BatchingCore:
         params.validate()
         self.params = params
         self.slowdown = params.slowdown
-        self.waiting: deque[_Seq] = deque()
+        self.waiting: deque[SimSequence] = deque()
         self._aborted_waiting = 0
-        self._finishing: dict[int, list[_Seq]] = {}
-        self._joiners: list[_Seq] = []
+        self._finishing: dict[int, list[SimSequence]] = {}
+        self._joiners: list[SimSequence] = []
         self._step_batch = 0
         self._step_dur = 0.0
         self.step_no = 0
@@ -422,11 +424,11 @@ class BatchingCore:
     def has_work(self) -> bool:
         return self.num_running > 0 or self.num_waiting > 0
 
-    def add(self, seq: _Seq) -> None:
+    def add(self, seq: SimSequence) -> None:
         seq.state = _WAITING
         self.waiting.append(seq)
 
-    def abort(self, seq: _Seq) -> None:
+    def abort(self, seq: SimSequence) -> None:
         """Drop a sequence (client went away). Safe to call in any state."""
         if seq.state == _WAITING:
             self._aborted_waiting += 1
@@ -437,7 +439,7 @@ class BatchingCore:
         seq.state = _ABORTED
         self.success["abort"] += 1
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: SimSequence) -> None:
         self.num_running -= 1
         self._running_prompt -= seq.prompt_tokens
         self._running_join_sum -= seq.join_step
@@ -450,7 +452,7 @@ class BatchingCore:
     def begin_step(self) -> float:
         """Admit waiting sequences and return the duration of the step about to run."""
         cap = self.params.max_num_seqs
-        joiners: list[_Seq] = []
+        joiners: list[SimSequence] = []
         prefill = 0
         step = self.step_no
         while self.waiting and self.num_running < cap:
@@ -477,7 +479,7 @@ class BatchingCore:
         self._step_dur = self.step_duration(self.num_running, prefill) if self.num_running else 0.0
         return self._step_dur
 
-    def end_step(self, now: float) -> list[_Seq]:
+    def end_step(self, now: float) -> list[SimSequence]:
         """Complete the step begun last; returns the sequences that finished in it."""
         self.generation_tokens_total += self._step_batch
         if self._step_batch:
@@ -487,7 +489,7 @@ class BatchingCore:
                 seq.first_token_at = now
                 self.ttft.observe(now - seq.arrival)
         self._joiners = []
-        finished: list[_Seq] = []
+        finished: list[SimSequence] = []
         for seq in self._finishing.pop(self.step_no, ()):
             if seq.state != _RUNNING:
                 continue
@@ -500,7 +502,7 @@ class BatchingCore:
         self.step_no += 1
         return finished
 
-    def tokens_done(self, seq: _Seq) -> int:
+    def tokens_done(self, seq: SimSequence) -> int:
         """Tokens generated so far for ``seq``."""
         if seq.join_step < 0:
             return 0
@@ -540,7 +542,7 @@ def simulate_offline(
     """
     core = BatchingCore(params)
     order = sorted(range(len(requests)), key=lambda i: requests[i][0])
-    seqs = [_Seq(p, o, a) for a, p, o in requests]
+    seqs = [SimSequence(p, o, a) for a, p, o in requests]
     t = 0.0
     i = 0
     while i < len(order) or core.has_work():
@@ -608,18 +610,18 @@ class SimEngine:
     def running(self) -> bool:
         return self._task is not None
 
-    def submit(self, prompt_tokens: int, output_tokens: int, finish_reason: str = "length") -> _Seq:
+    def submit(self, prompt_tokens: int, output_tokens: int, finish_reason: str = "length") -> SimSequence:
         """Queue a request; ``await seq.done`` resolves when its last token is out."""
         if self._task is None:
             raise SimulatorStopped("the simulated replica is not running")
         loop = asyncio.get_running_loop()
-        seq = _Seq(prompt_tokens, output_tokens, loop.time(), finish_reason)
+        seq = SimSequence(prompt_tokens, output_tokens, loop.time(), finish_reason)
         seq.done = loop.create_future()
         self.core.add(seq)
         self._wake.set()
         return seq
 
-    def abort(self, seq: _Seq) -> None:
+    def abort(self, seq: SimSequence) -> None:
         self.core.abort(seq)
 
     async def _run(self) -> None:
@@ -870,7 +872,7 @@ class SimulatedReplica:
         self,
         request: web.Request,
         engine: SimEngine,
-        seq: _Seq,
+        seq: SimSequence,
         plan: SimRequestPlan,
         rid: str,
         chat: bool,
