@@ -202,6 +202,7 @@ class LlmClient:
         transport: LlmTransport | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.service = llm_service_name(model)
         if not timeout_s > 0:
@@ -221,7 +222,8 @@ class LlmClient:
         self._stats: dict[str, ReplicaStats] = {}
         self._subscribed = False
         self._closed = False
-        self._tracer = trace.get_tracer("agentmesh")
+        # None: the global provider, looked up lazily (set it before or after building the client).
+        self._tracer = trace.get_tracer("agentmesh", tracer_provider=tracer_provider)
         endpoints.add_listener(self._on_endpoints)
 
     async def __aenter__(self) -> LlmClient:
@@ -437,7 +439,12 @@ class LlmClient:
         url = f"{scheme}://{ep.address}{path}"
         # The replica may serve the model under its own name (metadata "model"); send that one.
         payload = dict(body, model=ep.metadata.get("model") or self.model)
-        resp = await self._transport.post_json(url, payload, headers=headers, timeout_s=timeout_s)
+        try:
+            # Enforced here as well as by the transport, so no transport can overrun the deadline.
+            async with asyncio.timeout(timeout_s):
+                resp = await self._transport.post_json(url, payload, headers=headers, timeout_s=timeout_s)
+        except TimeoutError:
+            raise TransportError(f"no answer within {timeout_s:.3f}s") from None
         if resp.status >= 500 or resp.status in _RETRY_STATUSES:
             raise _RetryableReply(f"HTTP {resp.status}: {_snippet(resp.body)}")
         if resp.status != 200:

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,17 @@ __all__ = ["VllmCpuServer", "vllm_cpu_env"]
 log = logging.getLogger(__name__)
 
 _LOG_TAIL_BYTES = 4000
+
+# Runs first in the server process, then execs vLLM: PR_SET_PDEATHSIG (1) with SIGTERM (15) makes
+# the kernel stop the server when its parent dies (a Ray actor killed with SIGKILL never runs its
+# cleanup, and a 4 GB orphan per crash would exhaust the machine). The flag survives exec. If the
+# parent is already gone by the time the flag is set, exit instead.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0)\n"
+    "if os.getppid() != int(os.environ['AGENTMESH_PARENT_PID']): sys.exit(1)\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+)
 
 
 def vllm_cpu_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -81,6 +93,7 @@ class VllmCpuServer:
         startup_timeout_s: float = VLLM_STARTUP_TIMEOUT_S,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         if not served_model_name:
             raise ConfigError("served_model_name must not be empty", key="served_model_name")
@@ -99,6 +112,7 @@ class VllmCpuServer:
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
+        self.die_with_parent = die_with_parent and sys.platform == "linux"
         self.startup_s: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._current_log: Path | None = None
@@ -192,12 +206,17 @@ class VllmCpuServer:
         with open(log_path, "ab") as log_file:
             log_file.write(f"$ {' '.join(self.command())}\n".encode())
             log_file.flush()
+            argv = self.command()
+            env = vllm_cpu_env(self.extra_env)
+            if self.die_with_parent:
+                argv = [argv[0], "-c", _DIE_WITH_PARENT, *argv[1:]]
+                env["AGENTMESH_PARENT_PID"] = str(os.getpid())
             return subprocess.Popen(
-                self.command(),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=vllm_cpu_env(self.extra_env),
+                env=env,
                 start_new_session=True,  # its own process group, so stop() reaches the engine core
             )
 
