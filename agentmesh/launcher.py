@@ -1,0 +1,317 @@
+"""Bring a run up and down: Ray, discovery, LLM replicas, role replicas, then the driver.
+
+The embedded default needs nothing but this machine: a local Ray, a local etcd (started here, on
+loopback, with a private data dir), the configured LLM replicas as Ray actors (vLLM CPU serving a
+model a package ships, or the simulator), and every role's replicas as Ray actors. With
+``ray.address`` and ``discovery.url`` set, the same code joins an existing cluster instead.
+Everything this module starts, it stops, in reverse order, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentmesh.agent.routing import build_programs
+from agentmesh.config import RunConfig, iter_dataset
+from agentmesh.driver import RunDriver, RunProgress
+
+__all__ = ["RunHandle", "count_tasks", "init_ray", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def init_ray(
+    address: str | None, *, temp_dir: str | None = None, num_cpus: int | None = None
+) -> Callable[[], None]:
+    """Start (or join) Ray with this machine's required settings; returns the shutdown function."""
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return lambda: None
+    own_tmp = None
+    if address is None and temp_dir is None:
+        own_tmp = tempfile.mkdtemp(
+            prefix="am-ray-", dir="/tmp"
+        )  # short: Ray's socket paths are length-limited
+        temp_dir = own_tmp
+    os.environ.setdefault("TMPDIR", temp_dir or tempfile.gettempdir())
+    pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "runtime_env": {"env_vars": {**RAY_ENV, "PYTHONPATH": pythonpath}},
+    }
+    if address is None:
+        kwargs["_temp_dir"] = temp_dir
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 2
+    ray.init(address=address, **kwargs)
+
+    def shutdown() -> None:
+        ray.shutdown()
+        if own_tmp:
+            shutil.rmtree(own_tmp, ignore_errors=True)
+
+    return shutdown
+
+
+def count_tasks(cfg: RunConfig, done: set[str]) -> int:
+    return sum(1 for task_id, _, _ in iter_dataset(cfg.dataset) if task_id not in done)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+
+
+@dataclass
+class RunHandle:
+    """What a started run exposes (tests use it to kill replicas mid-run)."""
+
+    run_id: str
+    config: RunConfig
+    discovery_url: str
+    role_actors: dict[str, list[Any]]
+    llm_actors: dict[str, list[Any]]
+    driver: RunDriver | None = None
+
+
+def _used_llms(cfg: RunConfig) -> list[str]:
+    return sorted({r.llm for r in cfg.roles.values() if r.llm is not None})
+
+
+def _start_llms(cfg: RunConfig, discovery_url: str, say: Callable[[str], None]) -> dict[str, list[Any]]:
+    from agentmesh.llm_gateway.replica import start_llm_replicas
+
+    actors: dict[str, list[Any]] = {}
+    for name in _used_llms(cfg):
+        llm = cfg.llms[name]
+        say(f"starting {llm.replicas} {llm.backend} replica(s) of {llm.model} ...")
+        t0 = time.monotonic()
+        actors[name] = start_llm_replicas(llm, discovery_url=discovery_url)
+        say(f"  {llm.model}: {llm.replicas} replica(s) healthy in {time.monotonic() - t0:.1f}s")
+    return actors
+
+
+def _start_roles(cfg: RunConfig, run_id: str, discovery_url: str) -> dict[str, list[Any]]:
+    import ray
+
+    from agentmesh.agent.host import replica_actor_class
+
+    actor_cls = replica_actor_class()
+    payload = {"config": cfg.to_dict(), "run_id": run_id, "discovery_url": discovery_url}
+    actors: dict[str, list[Any]] = {}
+    for name, role in cfg.roles.items():
+        actors[name] = [
+            actor_cls.options(  # type: ignore[attr-defined]
+                num_cpus=role.num_cpus,
+                max_restarts=-1,
+                max_task_retries=0,
+                name=f"agentmesh-{run_id}-{name}-{i}",
+            ).remote(payload, name, i)
+            for i in range(role.replicas)
+        ]
+    # wait until every replica serves (its __init__ returns once registered)
+    ray.get([a.address.remote() for reps in actors.values() for a in reps], timeout=300)
+    return actors
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    say: Callable[[str], None] = print,
+    on_progress: Callable[[RunProgress], None] | None = None,
+    on_started: Callable[[RunHandle], None] | None = None,
+    progress_interval_s: float = 1.0,
+) -> RunProgress:
+    """Run ``cfg`` to the end and return its progress counters (also written to summary.json)."""
+    from agentmesh.agent.payload import RayPayloadStore
+    from agentmesh.sink import SinkWriter
+    from agentmesh.tracing import configure_tracing
+
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    programs = build_programs(cfg.routing.programs)
+    program = programs[cfg.routing.program]
+    writer = SinkWriter(
+        out_dir,
+        formats=cfg.output.formats,
+        compression=cfg.output.compression,
+        flush_every=cfg.output.flush_every,
+    )
+    done = writer.open()
+    total = count_tasks(cfg, done)
+    run_id = f"{_slug(cfg.name)}-{uuid.uuid4().hex[:6]}"
+    (out_dir / "run.json").write_text(
+        json.dumps({"run_id": run_id, "config": cfg.to_dict()}, indent=2) + "\n"
+    )
+    if done:
+        say(f"resuming: {len(done)} task(s) already in {out_dir}, {total} to do")
+    if total == 0:
+        writer.close()
+        say("nothing to do: every task of the dataset is already written")
+        return RunProgress(total=0, resumed=len(done))
+
+    configure_tracing(
+        "agentmesh.driver", otlp_endpoint=cfg.tracing.otlp_endpoint, sample_ratio=cfg.tracing.sample_ratio
+    )
+    with contextlib.ExitStack() as stack:
+        stack.callback(writer.close)
+        discovery_url = cfg.discovery.url
+        if discovery_url is None:
+            from agentmesh.discovery.etcd_server import EtcdServer
+
+            etcd = EtcdServer()
+            etcd.start()
+            stack.callback(etcd.stop)
+            discovery_url = etcd.url
+            say(f"embedded etcd on {etcd.client_endpoint}")
+        t0 = time.monotonic()
+        stack.callback(init_ray(cfg.ray.address, temp_dir=cfg.ray.temp_dir, num_cpus=cfg.ray.num_cpus))
+        say(f"ray ready in {time.monotonic() - t0:.1f}s")
+        import ray
+
+        payloads = RayPayloadStore(run_id, create=True)
+        stack.callback(lambda: ray.kill(payloads._actor))
+        llm_actors: dict[str, list[Any]] = {}
+        stack.callback(lambda: _kill_all(llm_actors))
+        llm_actors.update(_start_llms(cfg, discovery_url, say))
+        role_actors: dict[str, list[Any]] = {}
+        stack.callback(lambda: _kill_all(role_actors))
+        t0 = time.monotonic()
+        role_actors.update(_start_roles(cfg, run_id, discovery_url))
+        n = sum(len(v) for v in role_actors.values())
+        say(
+            f"{n} role replicas up in {time.monotonic() - t0:.1f}s: "
+            + ", ".join(f"{k}×{len(v)}" for k, v in role_actors.items())
+        )
+        handle = RunHandle(run_id, cfg, discovery_url, role_actors, llm_actors)
+        progress = asyncio.run(
+            _drive(
+                cfg,
+                run_id,
+                program,
+                discovery_url,
+                writer,
+                done,
+                total,
+                payloads,
+                handle,
+                on_progress,
+                on_started,
+                progress_interval_s,
+            )
+        )
+        progress.resumed = len(done)
+        _write_summary(out_dir, run_id, progress)
+        return progress
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _drive(
+    cfg: RunConfig,
+    run_id: str,
+    program: Any,
+    discovery_url: str,
+    writer: Any,
+    done: set[str],
+    total: int,
+    payloads: Any,
+    handle: RunHandle,
+    on_progress: Callable[[RunProgress], None] | None,
+    on_started: Callable[[RunHandle], None] | None,
+    interval_s: float,
+) -> RunProgress:
+    from agentmesh.discovery import connect
+
+    discovery = connect(discovery_url)
+    tasks: Iterator[tuple[str, int, dict[str, Any]]] = (
+        t for t in iter_dataset(cfg.dataset) if t[0] not in done
+    )
+    driver = RunDriver(
+        run_id=run_id,
+        program=program,
+        discovery=discovery,
+        writer=writer,
+        tasks=tasks,
+        roles=program.roles(),
+        max_in_flight=cfg.limits.max_in_flight,
+        task_timeout_s=cfg.limits.task_timeout_s,
+        seed=cfg.seed,
+        payloads=payloads,
+        total=total,
+        recovery_interval_s=cfg.limits.recovery_interval_s,
+        max_message_bytes=cfg.limits.max_message_bytes,
+        discovery_ttl_s=cfg.discovery.ttl_s,
+    )
+    await driver.start()
+    handle.driver = driver
+    if on_started is not None:
+        on_started(handle)
+    ticker = None
+    if on_progress is not None:
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                on_progress(driver.progress)
+
+        ticker = asyncio.create_task(tick())
+    try:
+        return await driver.run()
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+        if on_progress is not None:
+            on_progress(driver.progress)
+        await driver.stop()
+        await discovery.close()
+
+
+def _kill_all(actors: dict[str, list[Any]]) -> None:
+    import ray
+
+    for reps in actors.values():
+        for a in reps:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+
+
+def _write_summary(out_dir: Path, run_id: str, p: RunProgress) -> None:
+    summary = {
+        "run_id": run_id,
+        "tasks": p.total,
+        "done": p.done,
+        "failed": p.failed,
+        "resumed": p.resumed,
+        "recovered": p.recovered,
+        "duplicates_dropped": p.duplicates,
+        "failures_by_code": p.failures_by_code,
+        "prompt_tokens": p.prompt_tokens,
+        "completion_tokens": p.completion_tokens,
+        "elapsed_s": round(p.elapsed_s, 3),
+        "tokens_per_s": round(p.tokens_per_s, 2),
+        "completion_tokens_per_s": round(p.completion_tokens_per_s, 2),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
