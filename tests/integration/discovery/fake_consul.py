@@ -26,6 +26,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,7 @@ class FakeConsulAgent:
         self._runner: web.AppRunner | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._node_id = str(uuid.uuid4())
+        self._stopping = False
         self.port = 0
         self.requests: list[tuple[str, str]] = []
 
@@ -141,7 +143,8 @@ class FakeConsulAgent:
         app.router.add_put("/v1/agent/service/deregister/{service_id:.+}", self._deregister)
         app.router.add_put("/v1/agent/check/pass/{check_id:.+}", self._check_pass)
         app.router.add_get("/v1/health/service/{name}", self._health_service)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        # Like Consul, give up a blocking query whose client hung up.
+        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -151,6 +154,8 @@ class FakeConsulAgent:
         self._reaper = asyncio.create_task(self._reap())
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._changed.set()
         if self._reaper is not None:
             self._reaper.cancel()
             try:
@@ -160,6 +165,27 @@ class FakeConsulAgent:
         if self._runner is not None:
             # Blocking queries in flight are cut off, as when an agent goes away.
             await self._runner.cleanup()
+
+    def service_ids(self) -> set[str]:
+        return set(self._services)
+
+    def forget_all(self) -> None:
+        """Drop every service and check, as an agent restarted without its state would."""
+        self._services.clear()
+        self._checks.clear()
+        self._bump()
+
+    async def wait_until(self, predicate: Callable[[FakeConsulAgent], bool], timeout_s: float) -> None:
+        """Wait (on state changes, not by polling) until ``predicate(self)`` holds."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"fake consul: condition not met within {timeout_s}s")
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
 
     # -- state --------------------------------------------------------------------------------
 
@@ -339,7 +365,7 @@ class FakeConsulAgent:
             except ValueError as exc:
                 return web.Response(status=400, text=f"Invalid blocking query: {exc}")
             deadline = time.monotonic() + wait_s
-            while self._index <= index:
+            while self._index <= index and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
