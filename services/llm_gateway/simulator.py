@@ -15,14 +15,15 @@ What it models (see DESIGN.md section 12 and :mod:`agentmesh.llm_gateway.sim_pro
   ``max_tokens`` (``finish_reason`` is ``length`` when the cap cut it, else ``stop``).
 * Tokens are counted by :func:`count_tokens`, a deterministic regex tokenizer: every run of word
   characters (``\\w+``) is one token and every other non-space character is one token. It is not a
-  BPE tokenizer (English text gives roughly 0.75x the tokens of Llama 3's), but it is reproducible and
+  BPE tokenizer (it undercounts long or rare words, which BPE splits), but it is reproducible and
   the generated text re-tokenizes to exactly ``completion_tokens``. A chat prompt counts the tokens of
   every message's text plus 4 per message and 3 for the assistant header (a Llama-3-like template).
 * Generated text is drawn from a small vocabulary with a per-request seed derived from the replica
   seed and the request's content (and its ``seed`` field), so identical runs give identical bytes.
-  If the last user message lists multiple-choice options (``A) ...``, ``B) ...``), the text ends with
-  ``Answer: X`` for a seeded choice; if the conversation already contains ``Answer: Y``, the choice
-  repeats ``Y`` with probability ``mc_agree_prob`` (so a debate against the simulator converges).
+  If the last user message (else any user or system message) lists multiple-choice options
+  (``A) ...``, ``B) ...``), the text ends with ``Answer: X`` for a seeded choice; if the conversation
+  already contains ``Answer: Y``, the choice repeats ``Y`` with probability ``mc_agree_prob`` (so a
+  debate against the simulator converges).
 
 Cost: per request, O(1) engine work plus one future; per step, O(joining + finishing) work, plus one
 wake-up of each *streaming* request (non-streaming requests are woken once, when they finish).
@@ -263,8 +264,12 @@ def plan_chat(params: SimulatorParams, body: dict[str, Any]) -> SimRequestPlan:
     prompt_tokens = sum(count_tokens(t) + 4 for _, t in texts) + 3
     content = "\x1e".join(f"{r}\x1f{t}" for r, t in texts)
     last_user = next((t for r, t in reversed(texts) if r == "user"), None)
+    mc_text = last_user
+    if last_user is not None and not _mc_letters(last_user):
+        # A later debate turn ("your peer said B, reconsider") often omits the options: use the thread's.
+        mc_text = "\n".join(t for r, t in texts if r in ("user", "system"))
     history = "\n".join(t for _, t in texts) if last_user is not None and "Answer:" in content else ""
-    return _plan(params, body, prompt_tokens, content, last_user, history)
+    return _plan(params, body, prompt_tokens, content, mc_text, history)
 
 
 def plan_completion(params: SimulatorParams, body: dict[str, Any]) -> SimRequestPlan:

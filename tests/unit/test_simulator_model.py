@@ -245,6 +245,19 @@ def test_multiple_choice_follows_an_earlier_answer_when_asked_to_agree() -> None
     assert plan_chat(params, body).text.endswith("Answer: C")
 
 
+def test_multiple_choice_options_are_found_in_earlier_turns() -> None:
+    body = {
+        "messages": [
+            {"role": "system", "content": "Question: 2+2?\nA) 3\nB) 4"},
+            {"role": "user", "content": "Debate it and give your final answer."},
+        ],
+        "max_tokens": 8,
+    }
+    assert re.search(r"Answer: [AB]$", plan_chat(get_profile("fast-test"), body).text)
+    plain = plan_chat(get_profile("fast-test"), chat("no options here", max_tokens=8))
+    assert "Answer:" not in plain.text
+
+
 def test_bad_requests_name_the_field() -> None:
     params = get_profile("fast-test")
     cases = [
