@@ -64,12 +64,15 @@ class MemoryDiscovery(Discovery):
     async def watch(self, service: str) -> AsyncIterator[list[Endpoint]]:
         last: list[Endpoint] | None = None
         while True:
+            # Remember the version before yielding: a change made while the consumer holds the
+            # list (its notification already spent) must still wake this watch afterwards.
+            seen = self._version
             now = await self.snapshot(service)
             if now != last:
                 last = now
                 yield now
             async with self._cond:
-                await self._cond.wait()
+                await self._cond.wait_for(lambda seen=seen: self._version != seen)  # type: ignore[misc]
 
     async def close(self) -> None:
         return None
