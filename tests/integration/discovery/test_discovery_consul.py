@@ -92,7 +92,9 @@ async def test_killed_process_turns_critical_within_ttl_then_is_reaped(
         await proc.wait()
         t0 = time.monotonic()
         assert await next_within(watch, ttl_s + 1) == []
-        assert time.monotonic() - t0 <= ttl_s + 1
+        gone_after = time.monotonic() - t0
+        print(f"\nconsul(fake): killed holder (ttl {ttl_s}s) gone from the watch after {gone_after:.2f}s")
+        assert gone_after <= ttl_s + 1
         # The check is critical now; DeregisterCriticalServiceAfter (0.5 s) later it is gone.
         assert fake_consul.service_ids() == {"svc.doomed:d0"}
         await fake_consul.wait_until(lambda a: not a.service_ids(), timeout_s=2)

@@ -90,6 +90,7 @@ async def test_killed_process_disappears_within_ttl(
         t0 = time.monotonic()
         assert await next_within(watch, ttl_s + 1) == []
         gone_after = time.monotonic() - t0
+        print(f"\netcd: killed holder (ttl {ttl_s}s) gone from the watch after {gone_after:.2f}s")
         assert gone_after <= ttl_s + 1
     finally:
         await watch.aclose()
