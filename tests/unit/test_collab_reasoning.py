@@ -109,6 +109,10 @@ async def run_step(role: Role, orch: pb.Orchestrator) -> Task:
         ("Madrid, Rome and Berlin are wrong, so I am unsure.", None),
         ("", None),
         ("Answer: E", None),  # not one of the options
+        # small models echo the question: a list of options chooses none of them
+        ("Question: What is 20?\nA) 30\nB) 31\nC) 32\nD) 34", None),
+        ("The answer is:\nQuestion: Which city?\nA) Madrid\nB) Paris", None),
+        ("A) Madrid\nE) Lyon", "A"),  # E is not an option: one label only
     ],
 )
 def test_extract_letter(text: str, expected: str | None) -> None:
@@ -192,10 +196,13 @@ async def test_teacher_sees_the_students_previous_reasoning() -> None:
     llm = FakeLlm(lambda m, i: "The student is right.\nAnswer: B")
     await run_step(Teacher(ctx("teacher", llm)), orch)
     messages = llm.calls[0]["messages"]
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[2]["content"] == "Madrid is big.\nAnswer: A"  # its own previous answer
-    assert "France's capital is Paris, the seat of government." in messages[3]["content"]
-    assert "student" in messages[3]["content"]
+    assert [m["role"] for m in messages] == ["system", "user"]
+    user = messages[1]["content"]
+    # the same question block first (a shared prefix), then its own answer, then the student's
+    assert user.startswith("Question: What is the capital of France?\nA) Madrid")
+    own_at = user.index("Your previous answer:\nMadrid is big.\nAnswer: A")
+    peer_at = user.index("The student answered:\nFrance's capital is Paris, the seat of government.")
+    assert own_at < peer_at
     assert orch.history[-1].metadata["turn"] == "1"
 
 
@@ -208,9 +215,9 @@ async def test_student_sees_the_teachers_reasoning_of_this_turn_only_from_turn_o
 
     turn_of(orch, "teacher", "Teacher turn one.\nAnswer: B", turn=1)
     await run_step(Student(ctx("student", llm)), orch)
-    messages = llm.calls[1]["messages"]
-    assert messages[2] == {"role": "assistant", "content": "Answer: C"}
-    assert "Teacher turn one." in messages[3]["content"] and "Teacher turn zero" not in messages[3]["content"]
+    user = llm.calls[1]["messages"][-1]["content"]
+    assert "Your previous answer:\nAnswer: C" in user
+    assert "The teacher answered:\nTeacher turn one." in user and "Teacher turn zero" not in user
 
 
 async def test_peer_text_is_clipped_and_seeds_differ_per_turn_and_role() -> None:

@@ -123,6 +123,9 @@ def _lone_letter(text: str, letters: str) -> str | None:
     m = re.fullmatch(rf"[\(\[]?([{letters}{letters.lower()}])[\)\]]?[.:]?", stripped)
     if m:
         return m.group(1).upper()
+    # a text that lists the options ("A) 30\nB) 31\n...", small models echo the question) chose none
+    if len(set(re.findall(rf"(?m)^\s*[\(\[]?([{letters}])[\)\].:]", stripped))) >= 2:
+        return None
     m = re.match(rf"[\(\[]?([{letters}])(?:[\)\]]|[.:](?=\s))", stripped)
     if m:
         return m.group(1)
@@ -138,7 +141,8 @@ def _option_text(text: str, options: Mapping[str, str]) -> str | None:
     """The one option whose text follows the last "answer" (e.g. "The answer is Paris.")."""
     low = text.lower()
     at = low.rfind("answer")
-    tail = low[at:] if at >= 0 else (low if len(low) <= 80 else "")
+    # only the line of the last "answer": an echoed options list further down names every option
+    tail = low[at:].split("\n", 1)[0] if at >= 0 else (low if len(low) <= 80 else "")
     if not tail:
         return None
     hits = [
@@ -226,9 +230,10 @@ def _clip(text: str, limit: int) -> str:
 class Debater(Role):
     """An LLM role that answers the question, and from turn 1 on reconsiders given its peer's reasoning.
 
-    ``params``: ``max_tokens`` (96), ``temperature`` (0.7), ``system_prompt``, ``revise_prompt``
+    ``params``: ``max_tokens`` (96), ``temperature`` (0.7), ``system_prompt``, ``answer_instruction``
+    (closes the first turn's question), ``revise_prompt``
     (``{peer}`` is the peer's name, ``{peer_text}`` its reasoning), ``peer_role`` (the config name
-    of the other debater), ``peer_max_chars`` (600: the peer's text is clipped to keep prompts short).
+    of the other debater), ``peer_max_chars`` (400: the peer's text is clipped to keep prompts short).
     """
 
     #: What this debater is called in turn metadata and prompts.
@@ -252,8 +257,11 @@ class Debater(Role):
             "The {peer} answered:\n{peer_text}\n\nCheck this reasoning. Keep or change your answer. "
             "Reason briefly, then write a last line 'Answer: <letter>'.",
         )
+        self.answer_instruction = _str_param(
+            ctx, "answer_instruction", "Reason briefly, then write a last line 'Answer: <letter>'."
+        )
         self.peer_role = _str_param(ctx, "peer_role", self.default_peer)
-        self.peer_max_chars = _int_param(ctx, "peer_max_chars", 600, minimum=20)
+        self.peer_max_chars = _int_param(ctx, "peer_max_chars", 400, minimum=20)
         try:
             self.revise_prompt.format(peer="x", peer_text="y")
         except (KeyError, IndexError, ValueError) as exc:
@@ -269,28 +277,32 @@ class Debater(Role):
         return peer_turns[-1]
 
     async def build_messages(self, task: Task) -> list[dict[str, str]]:
-        """The chat: system, question, then (turn >= 1) own previous answer and the peer's reasoning."""
+        """System prompt, then one user message: the question, and (turn >= 1) the debate so far.
+
+        One user message that always starts with the same question block keeps every call of a
+        task on a common token prefix (prefix-cache reuse), and keeps the options next to the
+        instruction, which a very small model needs.
+        """
         question, options = parse_row(task.input)
-        messages = [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": format_question(question, options)},
-        ]
+        block = format_question(question, options)
+        system = {"role": "system", "content": self.system_prompt}
+        first = [system, {"role": "user", "content": f"{block}\n\n{self.answer_instruction}"}]
         if task.turn < 1:
-            return messages
+            return first
         own: list[str] = []
         peer: list[str] = []
         for role, content in await task.transcript((self.ctx.name, self.peer_role)):
             (own if role == self.ctx.name else peer).append(content)
         peer_text = self.peer_text_for(task, peer)
         if peer_text is None:
-            return messages
+            return first
+        parts = [block]
         if own:
-            messages.append({"role": "assistant", "content": _clip(own[-1], self.peer_max_chars)})
-        prompt = self.revise_prompt.format(
-            peer=self.peer_role, peer_text=_clip(peer_text, self.peer_max_chars)
+            parts.append(f"Your previous answer:\n{_clip(own[-1], self.peer_max_chars)}")
+        parts.append(
+            self.revise_prompt.format(peer=self.peer_role, peer_text=_clip(peer_text, self.peer_max_chars))
         )
-        messages.append({"role": "user", "content": prompt})
-        return messages
+        return [system, {"role": "user", "content": "\n\n".join(parts)}]
 
     async def step(self, task: Task) -> None:
         messages = await self.build_messages(task)
