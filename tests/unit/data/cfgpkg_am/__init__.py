@@ -1,0 +1,1 @@
+"""A tiny package holding a run config, for the pkg:// tests."""
