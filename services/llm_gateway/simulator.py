@@ -165,6 +165,12 @@ def _generate_pieces(n: int, rng: random.Random, mc_choice: str | None) -> list[
     return pieces
 
 
+# Streaming serialises every piece; the vocabulary is small, so serialise each piece once.
+_json_piece: Final = {
+    p: json.dumps(p) for p in (*_VOCAB_PIECES, *(w.lstrip() for w in _VOCAB_PIECES), " Answer", ":")
+}
+
+
 # --- Request planning (pure: from a request body to prompt tokens, output tokens and text) ---------------
 
 
@@ -928,7 +934,10 @@ class SimulatedReplica:
             while True:
                 n = core.tokens_done(seq)
                 if n > sent:
-                    out = "".join(tok_pre + json.dumps(piece) + tok_post for piece in pieces[sent:n])
+                    enc = _json_piece
+                    out = "".join(
+                        tok_pre + (enc.get(piece) or json.dumps(piece)) + tok_post for piece in pieces[sent:n]
+                    )
                     sent = n
                     await resp.write(out.encode())
                 if sent >= seq.output_tokens or seq.state == _ABORTED:
