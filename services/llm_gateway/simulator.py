@@ -530,6 +530,11 @@ class BatchingCore:
         self.step_no += 1
         return finished
 
+    def live(self) -> list[SimSequence]:
+        """Every waiting and running sequence (O(n): for shutdown, not for the hot path)."""
+        waiting = [s for s in self.waiting if s.state == _WAITING]
+        return waiting + [s for b in self._finishing.values() for s in b if s.state == _RUNNING]
+
     def tokens_done(self, seq: SimSequence) -> int:
         """Tokens generated so far for ``seq``."""
         if seq.join_step < 0:
@@ -626,9 +631,7 @@ class SimEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         core = self.core
-        pending = [s for s in core.waiting if s.state == _WAITING]
-        pending += [s for b in core._finishing.values() for s in b if s.state == _RUNNING]
-        for seq in pending:
+        for seq in core.live():
             core.abort(seq)
             if seq.done is not None and not seq.done.done():
                 seq.done.set_exception(SimulatorStopped("the simulated replica stopped"))
