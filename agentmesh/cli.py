@@ -86,9 +86,8 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         else (lambda msg: print(f"agentmesh: {msg}", file=sys.stderr, flush=True))
     )
     printer = ProgressPrinter(quiet=ns.quiet)
-    say(
-        f"run {cfg.name!r}: program {cfg.routing.program!r}, roles {', '.join(cfg.roles)}, output {cfg.output.dir}"
-    )
+    roles = ", ".join(cfg.roles)
+    say(f"run {cfg.name!r}: program {cfg.routing.program!r}, roles {roles}, output {cfg.output.dir}")
     try:
         p = run_pipeline(cfg, say=say, on_progress=printer)
     except ConfigError as exc:

@@ -123,7 +123,7 @@ def _start_llms(cfg: RunConfig, discovery_url: str, say: Callable[[str], None]) 
             options["simulator_profile"] = llm.simulator_profile or "fast-test"
             options["simulator_overrides"] = dict(llm.options)
         actors[name] = [
-            LlmReplicaActor.options(
+            LlmReplicaActor.options(  # type: ignore[attr-defined]
                 num_cpus=llm.num_cpus, name=f"agentmesh-llm-{name}-{i}-{uuid.uuid4().hex[:4]}"
             ).remote(llm.model, discovery_url, replica_id=f"{name}-{i}", **options)
             for i in range(llm.replicas)
@@ -250,7 +250,7 @@ def run_pipeline(
         n = sum(len(v) for v in role_actors.values())
         say(
             f"{n} role replicas up in {time.monotonic() - t0:.1f}s: "
-            + ", ".join(f"{k}×{len(v)}" for k, v in role_actors.items())
+            + ", ".join(f"{k} x{len(v)}" for k, v in role_actors.items())
         )
         handle = RunHandle(run_id, cfg, discovery_url, role_actors, llm_actors)
         progress = asyncio.run(

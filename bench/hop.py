@@ -25,15 +25,15 @@ from typing import Any
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, percentile, print_table, write_json  # noqa: E402
+from _common import cpu_seconds, percentile, print_table, write_json
 
-from agentmesh.agent import Role, Task  # noqa: E402
-from agentmesh.agent.local import LocalMesh, LocalRole  # noqa: E402
-from agentmesh.agent.payload import MemoryPayloadStore  # noqa: E402
-from agentmesh.agent.replica import ReplicaLimits  # noqa: E402
-from agentmesh.agent.routing import Sequential  # noqa: E402
-from agentmesh.discovery.memory import MemoryDiscovery  # noqa: E402
-from agentmesh.driver import RunDriver  # noqa: E402
+from agentmesh.agent import Role, Task
+from agentmesh.agent.local import LocalMesh, LocalRole
+from agentmesh.agent.payload import MemoryPayloadStore
+from agentmesh.agent.replica import ReplicaLimits
+from agentmesh.agent.routing import Sequential
+from agentmesh.discovery.memory import MemoryDiscovery
+from agentmesh.driver import RunDriver
 
 HOP_GAPS: list[float] = []
 BYTES_SEEN: list[int] = []
@@ -219,7 +219,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
                 ]
             )
     print_table(
-        f"bench/hop.py — 3-role chain, {ns.in_flight} tasks in flight, {ns.seconds:.0f}s per case, one process",
+        f"bench/hop.py: 3-role chain, {ns.in_flight} in flight, {ns.seconds:.0f}s per case, one process",
         [
             "history",
             "hop p50 ms",

@@ -14,7 +14,7 @@ def connect(url: str) -> Discovery:
     ``etcd://host:port[,host:port...]`` — etcd v3 (aetcd); ``consul://host:port`` — Consul HTTP API
     (py-consul); ``memory://`` — in-process, for unit tests.
     """
-    scheme, sep, rest = url.partition("://")
+    scheme, sep, _rest = url.partition("://")
     if not sep:
         raise DiscoveryError(
             f"bad discovery url {url!r}: expected etcd://host:port, consul://host:port or memory://"

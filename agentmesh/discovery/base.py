@@ -152,7 +152,8 @@ class EndpointCache:
             return await asyncio.wait_for(_wait(), timeout_s)
         except TimeoutError:
             raise DiscoveryError(
-                f"{service!r}: condition not met within {timeout_s}s (have {len(self.get(service))} endpoints)"
+                f"{service!r}: condition not met within {timeout_s}s "
+                f"(have {len(self.get(service))} endpoints)"
             ) from None
 
     async def _run_watch(self, service: str) -> None:

@@ -94,7 +94,7 @@ class RayPayloadStore(PayloadStore):
         actor_name = payload_actor_name(run_id)
         if create:
             cls = ray.remote(num_cpus=0.01, max_restarts=0)(_PayloadPins)
-            self._actor = cls.options(name=actor_name, get_if_exists=True).remote()  # type: ignore[attr-defined]
+            self._actor: Any = cls.options(name=actor_name, get_if_exists=True).remote()  # type: ignore[attr-defined]
         else:
             self._actor = ray.get_actor(actor_name)
         self._seq = itertools.count()

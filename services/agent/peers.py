@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -94,7 +94,7 @@ class PeerRouter:
         load_stale_s: float = 1.0,
         unavailable_cooldown_s: float = 2.0,
         rng: random.Random | None = None,
-        clock: callable = time.monotonic,  # type: ignore[valid-type]
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cache = cache
         self._run_id = run_id
@@ -154,7 +154,7 @@ class PeerRouter:
         """Deliver ``orch`` to a replica of ``role``; returns the replica id that took it.
 
         Retries on full or unavailable replicas until ``deadline`` (a ``time.monotonic()`` value;
-        default: ``rpc_timeout_s`` × 6 from now). Raises :class:`InvalidArgument` at once if the
+        default: six times ``rpc_timeout_s`` from now). Raises :class:`InvalidArgument` at once if the
         replica refuses the message itself, :class:`Unavailable` when the deadline passes.
         """
         service = agent_service(self._run_id, role)

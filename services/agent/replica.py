@@ -255,8 +255,9 @@ class AgentReplica:
             with contextlib.suppress(Exception):
                 await self._registration.close()
         deadline = time.monotonic() + grace_s
-        while (self._inbox.qsize() or self._in_progress) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        # every task taken from the inbox is marked done once its step ran and it was forwarded
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._inbox.join(), grace_s)
         await self.stop(grace_s=max(0.0, deadline - time.monotonic()))
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -291,6 +292,7 @@ class AgentReplica:
                 log.exception("replica %s: unexpected error on task %s", self.replica_id, orch.task_id)
             finally:
                 self._in_progress -= 1
+                self._inbox.task_done()
                 self._held[orch.task_id] -= 1
                 if self._held[orch.task_id] <= 0:
                     del self._held[orch.task_id]

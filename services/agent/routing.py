@@ -177,14 +177,14 @@ def build_programs(programs: Mapping[str, Any]) -> dict[str, RoutingProgram]:
                 then=get("then") or (),
             )
         elif kind == "state_machine":
-            transitions = []
+            transitions: list[tuple[str, str, Mapping[str, str], Any]] = []
             for t in get("transitions") or ():
                 tget = t.get if isinstance(t, Mapping) else (lambda k, d=None, _t=t: getattr(_t, k, d))
                 src = tget("src") if tget("src") is not None else tget("from")
                 dst = tget("dst") if tget("dst") is not None else tget("to")
                 fn_spec = tget("when_fn")
                 fn = load_object(fn_spec, key=f"{key}.transitions.when_fn") if fn_spec else None
-                transitions.append((src, dst, tget("when") or {}, fn))
+                transitions.append((str(src), str(dst), tget("when") or {}, fn))
             start = get("start")
             if not start:
                 raise ConfigError("a state_machine program needs `start`", key=f"{key}.start")

@@ -113,7 +113,7 @@ async def test_failures_are_isolated_and_retried(tmp_path: Path) -> None:
 
 async def test_loop_until_stops_on_predicate_or_turn_limit(tmp_path: Path) -> None:
     prog = LoopUntil("loop", ["c"], until=stop_at_two, max_turns=5)
-    progress, records = await run_mesh(tmp_path, {"c": LocalRole(Counter)}, prog, [{"x": 1}] * 3)
+    _progress, records = await run_mesh(tmp_path, {"c": LocalRole(Counter)}, prog, [{"x": 1}] * 3)
     assert all(r["results"]["n"] == "2" and len(r["history"]) == 2 for r in records)
     prog2 = LoopUntil("loop", ["c"], until=None, max_turns=4)
     _, records2 = await run_mesh(tmp_path / "b", {"c": LocalRole(Counter)}, prog2, [{"x": 1}] * 3)

@@ -87,7 +87,7 @@ def sample(m: dict[str, float], name: str, **labels: str) -> float:
 async def poll_until(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> None:
     # The state lives in another server, reachable only by asking it again: polling is the tool here.
     async with asyncio.timeout(within_s):
-        while not await check():  # noqa: ASYNC110
+        while not await check():
             await asyncio.sleep(0.005)
 
 
