@@ -16,6 +16,17 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # CI sets this: a missing vLLM CPU install must fail the run, not skip the tests that need it.
+    if os.environ.get("AGENTMESH_REQUIRE_VLLM") == "1":
+        from agentmesh.llm_gateway.constants import vllm_python
+
+        if not vllm_python().exists():
+            raise pytest.UsageError(
+                f"AGENTMESH_REQUIRE_VLLM=1 but there is no vLLM CPU venv at {vllm_python()}"
+            )
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the whole test session (~8 s, ~0.5 GB); stopped at the end."""
