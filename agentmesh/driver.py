@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,8 @@ class RunDriver:
         self._router = PeerRouter(self._cache, run_id, max_message_bytes=max_message_bytes)
         self._in_flight: dict[str, _InFlight] = {}
         self._admitting: set[str] = set()
+        self._known: dict[str, Endpoint] = {}  # replicas the recovery sweep asks, by address
+        self._cache.add_listener(self._remember)
         self._credits = asyncio.Semaphore(max_in_flight)
         self._all_done = asyncio.Event()
         self._source_done = False
@@ -345,16 +347,47 @@ class RunDriver:
             except Exception:
                 log.exception("recovery sweep failed")
 
+    def _remember(self, service: str, endpoints: tuple[Endpoint, ...]) -> None:
+        if service.startswith(f"agent.{self.run_id}.") and not service.endswith(f".{SINK}"):
+            for ep in endpoints:
+                self._known[ep.address] = ep
+
+    async def _held_everywhere(self) -> set[str] | None:
+        """Task ids held by any replica, or None if one could not say (then nothing is concluded).
+
+        Every replica ever seen in discovery is asked until it stops answering: a draining replica
+        has left discovery but holds tasks until it is done.
+        """
+        known = list(self._known.items())
+        replies = await asyncio.gather(
+            *(self._router.held_tasks(ep) for _, ep in known), return_exceptions=True
+        )
+        held: set[str] = set()
+        for (address, ep), reply in zip(known, replies, strict=True):
+            if isinstance(reply, RpcError) and reply.code == grpc.StatusCode.UNAVAILABLE:
+                # gone (killed or stopped): it holds nothing; forget it once discovery has too
+                if ep not in self._cache.get(ep.service):
+                    self._known.pop(address, None)
+                    self._router.forget(address)
+            elif isinstance(reply, BaseException):
+                log.info("sweep: %s did not answer (%s); skipping this sweep", ep.id, reply)
+                return None
+            else:
+                held.update(reply)
+        return held
+
     async def _sweep(self) -> int:
         """Re-admit tasks no live replica holds (two sweeps in a row). Returns how many."""
-        held: set[str] = set()
-        for role in self._roles:
-            for ep in self._cache.get(agent_service(self.run_id, role)):
-                try:
-                    held.update(await self._router.held_tasks(ep))
-                except RpcError as exc:
-                    log.info("sweep: %s did not answer (%s); skipping this sweep", ep.id, exc)
-                    return 0
+        held = await self._held_everywhere()
+        if held is None:
+            return 0
+        # The replicas are asked one after another, so a task handed from one not yet asked to one
+        # already asked is seen by neither: ask again, a task does not hop twice in a millisecond.
+        if any(t not in held and t not in self._admitting for t in self._in_flight):
+            again = await self._held_everywhere()
+            if again is None:
+                return 0
+            held |= again
         now = time.monotonic()
         lost: list[_InFlight] = []
         for info in list(self._in_flight.values()):
@@ -377,10 +410,3 @@ def _span_context(span: Span) -> Any:
     from opentelemetry import trace
 
     return trace.set_span_in_context(span)
-
-
-def iter_limit(it: Iterable[Any], n: int | None) -> Iterator[Any]:
-    for i, x in enumerate(it):
-        if n is not None and i >= n:
-            return
-        yield x

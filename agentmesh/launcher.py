@@ -66,6 +66,7 @@ def init_ray(
         "runtime_env": {"env_vars": {**RAY_ENV, "PYTHONPATH": pythonpath}},
     }
     if address is None:
+        kwargs["_node_ip_address"] = "127.0.0.1"  # the embedded default stays on loopback
         kwargs["_temp_dir"] = temp_dir
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 2
     ray.init(address=address, **kwargs)

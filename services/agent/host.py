@@ -10,6 +10,8 @@ then the process exits.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -33,10 +35,12 @@ class ReplicaHost:
         self._thread.start()
         self.replica: Any = None
         self._address = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
-        try:
+        # Ray's worker answers SIGTERM with sys.exit() in its main thread, and only a handler set from
+        # the main thread could replace that; the interpreter's exit runs atexit hooks either way,
+        # so the drain hangs there (it blocks the exit until the replica is done).
+        atexit.register(self._drain_at_exit)
+        with contextlib.suppress(ValueError):  # not the main thread: Ray's handler stays
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread: Ray decides
-            pass
 
     async def _start(self) -> str:
         from agentmesh.agent.payload import RayPayloadStore
@@ -90,12 +94,20 @@ class ReplicaHost:
         )
         return await self.replica.start()
 
+    def _drain_at_exit(self, grace_s: float = 60.0) -> None:
+        if self.replica is None or self._loop.is_closed():
+            return
+        log.warning("exiting: draining %s", self._role_name)
+        with contextlib.suppress(Exception):
+            done = asyncio.run_coroutine_threadsafe(self.replica.drain(grace_s), self._loop)
+            done.result(timeout=grace_s + 5)
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM: draining %s", self._role_name)
 
         def _drain_and_exit() -> None:
             try:
-                asyncio.run_coroutine_threadsafe(self.replica.drain(), self._loop).result(timeout=60)
+                self._drain_at_exit()
             finally:
                 os._exit(0)
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -77,7 +79,8 @@ class _PeerState:
     stub: agent_pb2_grpc.AgentServiceStub
     reported: float = 0.0  # (queued + in_progress) / concurrency, as last reported
     reported_at: float = 0.0
-    outstanding: int = 0  # our sends to it that have not returned yet
+    outstanding: int = 0  # our calls to it that have not returned yet
+    dropped: bool = False  # forgotten: close the channel when the last call returns
     unavailable_until: float = 0.0
 
 
@@ -120,9 +123,38 @@ class PeerRouter:
                 self._drop(addr)
 
     def _drop(self, address: str) -> None:
+        """Forget a peer. Its channel closes once no call of ours is using it: closing a grpc.aio
+        channel under a call makes that call raise CancelledError in its caller."""
         peer = self._peers.pop(address, None)
         if peer is not None:
+            peer.dropped = True
+            if peer.outstanding == 0:
+                asyncio.get_running_loop().create_task(peer.channel.close())
+
+    def _release(self, peer: _PeerState) -> None:
+        peer.outstanding -= 1
+        if peer.dropped and peer.outstanding == 0:
             asyncio.get_running_loop().create_task(peer.channel.close())
+
+    async def _call(self, peer: _PeerState, rpc: Callable[[], Awaitable[Any]]) -> Any:
+        """One RPC to ``peer``; a CancelledError that is not our own cancellation (the channel went
+        away under the call) becomes UNAVAILABLE."""
+        peer.outstanding += 1
+        try:
+            return await rpc()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise Unavailable(
+                grpc.StatusCode.UNAVAILABLE, f"{peer.endpoint.id}: channel closed during the call"
+            ) from None
+        finally:
+            self._release(peer)
+
+    def forget(self, address: str) -> None:
+        """Close the channel to ``address`` (the replica is gone for good)."""
+        self._drop(address)
 
     def _peer(self, ep: Endpoint) -> _PeerState:
         peer = self._peers.get(ep.address)
@@ -171,10 +203,11 @@ class PeerRouter:
                 endpoints = self._cache.get(service)
             peer = self._choose(endpoints, self._clock()) if endpoints else None
             if peer is not None:
-                peer.outstanding += 1
                 try:
                     timeout = max(0.05, min(self._rpc_timeout_s, deadline - time.monotonic()))
-                    reply = await peer.stub.Deliver(orch, timeout=timeout)
+                    reply = await self._call(
+                        peer, functools.partial(peer.stub.Deliver, orch, timeout=timeout)
+                    )
                     load = reply.load
                     self._note_load(peer, load.queued, load.in_progress, load.concurrency)
                     return peer.endpoint.id
@@ -195,8 +228,9 @@ class PeerRouter:
                         peer.unavailable_until = self._clock() + self._cooldown_s
                         if code == grpc.StatusCode.UNAVAILABLE:
                             self._drop(peer.endpoint.address)
-                finally:
-                    peer.outstanding -= 1
+                except Unavailable as err:
+                    last_error = str(err)
+                    peer.unavailable_until = self._clock() + self._cooldown_s
             if time.monotonic() >= deadline:
                 raise Unavailable(
                     grpc.StatusCode.UNAVAILABLE, f"could not deliver to role {role!r}: {last_error}"
@@ -205,14 +239,21 @@ class PeerRouter:
             backoff = min(backoff * 2, 0.5)
 
     async def load(self, endpoint: Endpoint, timeout_s: float = 1.0) -> apb.LoadReport:
+        peer = self._peer(endpoint)
         try:
-            return await self._peer(endpoint).stub.Load(apb.LoadRequest(), timeout=timeout_s)
+            report: apb.LoadReport = await self._call(
+                peer, lambda: peer.stub.Load(apb.LoadRequest(), timeout=timeout_s)
+            )
+            return report
         except grpc.aio.AioRpcError as err:
             raise RpcError(err.code(), err.details() or "") from None
 
     async def held_tasks(self, endpoint: Endpoint, timeout_s: float = 2.0) -> list[str]:
+        peer = self._peer(endpoint)
         try:
-            reply = await self._peer(endpoint).stub.HeldTasks(apb.HeldTasksRequest(), timeout=timeout_s)
+            reply = await self._call(
+                peer, lambda: peer.stub.HeldTasks(apb.HeldTasksRequest(), timeout=timeout_s)
+            )
         except grpc.aio.AioRpcError as err:
             raise RpcError(err.code(), err.details() or "") from None
         return list(reply.task_ids)

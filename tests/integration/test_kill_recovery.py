@@ -155,3 +155,46 @@ async def test_sigkill_whole_run_then_resume_exactly_once(tmp_path: Path) -> Non
     # nothing of the killed run is left running (its process group is gone)
     left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
     assert left.stdout.strip() == "", f"processes of the killed run survive: {left.stdout}"
+
+
+def test_sigterm_drains_a_replica_without_losing_tasks(tmp_path: Path, ray_session: None) -> None:
+    import ray
+
+    cfg = load_config(
+        SIM_CONFIG,
+        [
+            f"output.dir={tmp_path / 'out'}",
+            "dataset.limit=20",
+            "llms.smollm2.simulator_profile=fast-test",
+            "+llms.smollm2.options={step_base_s: 0.01, step_per_seq_s: 0.0005}",
+            "roles.teacher.replicas=2",
+            "limits.recovery_interval_s=1.0",
+            "discovery.ttl_s=2",
+        ],
+    )
+    drained: dict[str, Any] = {}
+
+    def terminator(handle: RunHandle) -> None:
+        victim = handle.role_actors["teacher"][0]
+        address = ray.get(victim.address.remote())
+        pid = ray.get(victim.pid.remote())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            held = _held(address)
+            if held:
+                os.kill(pid, signal.SIGTERM)
+                drained.update(pid=pid, held=held)
+                return
+            time.sleep(0.02)
+
+    progress = run_pipeline(
+        cfg,
+        say=lambda m: None,
+        on_started=lambda h: threading.Thread(target=terminator, args=(h,), daemon=True).start(),
+    )
+    assert drained, "the replica never held a task"
+    ids = Counter(r["task_id"] for r in read_records(tmp_path / "out"))
+    assert len(ids) == 20 and max(ids.values()) == 1
+    assert progress.done == 20 and progress.failed == 0
+    # a drained replica finishes what it holds: nothing had to be recovered
+    assert progress.recovered == 0
