@@ -5,9 +5,10 @@ the content into a payload store and replaces it in the message with a :class:`P
 fetch content lazily (``Task.content``); the sink fetches everything once to write the record, then
 releases the task's payloads.
 
-* :class:`RayPayloadStore` — the Ray object store. Objects are owned by one per-run actor
-  (``ray.put(..., _owner=actor)``) that also pins them, so they outlive the replica that put them
-  (a replica may be killed) and are freed when the sink releases the task.
+* :class:`RayPayloadStore` — the Ray object store. One per-run actor puts each payload there
+  itself, so the actor owns the object and it outlives the replica that offloaded it (a replica may
+  be killed; Ray frees an object whose owner dies). Readers get the object reference from the
+  actor and read the object store directly. The sink releases a task's payloads once written.
 * :class:`MemoryPayloadStore` — a dict, for replicas running in one process (tests, benchmarks).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import uuid
 from typing import Any
 
 from agentmesh.v1 import orchestrator_pb2 as pb
@@ -72,8 +74,10 @@ class _PayloadPins:
     def __init__(self) -> None:
         self._refs: dict[str, dict[str, Any]] = {}
 
-    def pin(self, task_id: str, key: str, refs: list[Any]) -> None:
-        self._refs.setdefault(task_id, {})[key] = refs[0]
+    def put(self, task_id: str, key: str, data: bytes) -> None:
+        import ray
+
+        self._refs.setdefault(task_id, {})[key] = ray.put(data)
 
     def lookup(self, task_id: str, key: str) -> list[Any]:
         return [self._refs[task_id][key]]  # a list keeps the ref unresolved on the way back
@@ -97,15 +101,14 @@ class RayPayloadStore(PayloadStore):
             self._actor: Any = cls.options(name=actor_name, get_if_exists=True).remote()  # type: ignore[attr-defined]
         else:
             self._actor = ray.get_actor(actor_name)
+        self._prefix = uuid.uuid4().hex[:12]  # keys from different replicas never collide
         self._seq = itertools.count()
 
     async def put(self, task_id: str, content: str) -> pb.PayloadRef:
-        import ray
 
         data = content.encode()
-        key = f"{task_id}/{id(self)}-{next(self._seq)}"
-        ref = ray.put(data, _owner=self._actor)
-        await self._actor.pin.remote(task_id, key, [ref])
+        key = f"{task_id}/{self._prefix}-{next(self._seq)}"
+        await self._actor.put.remote(task_id, key, data)
         return pb.PayloadRef(store=self.name, key=key, size_bytes=len(data))
 
     async def get(self, ref: pb.PayloadRef) -> str:
