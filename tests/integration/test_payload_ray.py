@@ -44,7 +44,7 @@ async def test_payload_survives_its_writer_and_is_freed_on_release(ray_session: 
         assert await store.count() == 1
         await store.release("t1")
         assert await store.count() == 0
-        with pytest.raises(Exception):
+        with pytest.raises(ray.exceptions.RayTaskError, match="KeyError"):
             await store.get(ref)
     finally:
         ray.kill(store._actor)
