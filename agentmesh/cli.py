@@ -102,6 +102,14 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         printer.end()
         print("agentmesh: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an environment failure: one line, the traceback with -v
+        printer.end()
+        logging.getLogger("agentmesh").debug("run failed", exc_info=True)
+        print(
+            f"agentmesh: run broke: {type(exc).__name__}: {exc} (re-run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
     printer.end()
     print(
         f"agentmesh: {cfg.name}: {p.done} done, {p.failed} failed"
