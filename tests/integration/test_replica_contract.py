@@ -135,3 +135,34 @@ async def test_full_inbox_answers_resource_exhausted_with_load() -> None:
             assert md["agentmesh-load"].startswith("2,1,2,1")
     finally:
         await mesh.stop()
+
+
+async def test_health_and_reflection_are_served_and_drain_flips_health() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    disc = MemoryDiscovery()
+    mesh = LocalMesh(
+        run_id="r1", roles={"a": LocalRole(Slow)}, programs={"p": Sequential("p", ["a"])}, discovery=disc
+    )
+    await mesh.start()
+    replica = mesh.replicas["a"][0]
+
+    def services() -> list[str]:
+        with grpc.insecure_channel(replica.address) as ch:
+            return sorted(ProtoReflectionDescriptorDatabase(ch).get_services())
+
+    try:
+        assert "agentmesh.v1.AgentService" in await asyncio.to_thread(services)
+        async with grpc.aio.insecure_channel(replica.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(service="agentmesh.v1.AgentService")
+            assert (await health.Check(req, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(req)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            drain = asyncio.create_task(replica.drain(grace_s=5))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            await drain
+    finally:
+        await mesh.stop()
