@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -58,7 +59,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, print_table, rss_bytes, write_json
+from _common import RESULTS, cpu_seconds, print_table, rss_bytes, write_json
 
 from agentmesh.agent import Role, Task
 from agentmesh.agent.local import LocalMesh, LocalRole
@@ -75,6 +76,7 @@ from agentmesh.sink import SinkWriter
 
 __all__ = ["main"]
 
+PLOT_PATH = Path(__file__).resolve().parents[1] / "docs" / "img" / "concurrency.png"
 RUN_ID = "concurrency"
 ROLE = "chat"
 MB = 1024 * 1024
@@ -801,7 +803,17 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="~30 s smoke test (2,000 in flight)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help=f"only redraw {PLOT_PATH.name} from bench/results/concurrency.json",
+    )
     ns = parser.parse_args()
+    if ns.replot:
+        saved = json.loads((RESULTS / "concurrency.json").read_text())
+        samples = [Sample(**d) for d in saved["samples"]]
+        plot(samples, [lv for lv in saved["levels"] if lv.get("samples", 0) >= 2], PLOT_PATH)
+        return
     if ns.in_flight is None:
         ns.in_flight = 2000 if ns.quick else 10_000
     if ns.tasks is None:
@@ -820,11 +832,7 @@ def main() -> None:
     payload = report(ns, r)
     write_json("concurrency_quick" if ns.quick else "concurrency", payload)
     if not ns.no_plot and not ns.quick:
-        plot(
-            r["samples"],
-            [lv for lv in r["levels"] if lv.get("samples", 0) >= 2],
-            Path(__file__).resolve().parents[1] / "docs" / "img" / "concurrency.png",
-        )
+        plot(r["samples"], [lv for lv in r["levels"] if lv.get("samples", 0) >= 2], PLOT_PATH)
     if payload["summary"]["failed_tasks"]:
         sys.exit(1)
 
