@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from agentmesh.agent.payload import PayloadStore
-from agentmesh.agent.peers import PeerRouter, agent_service, channel_options
+from agentmesh.agent.peers import PeerRouter, agent_service, server_options
 from agentmesh.agent.routing import SINK, RoutingProgram
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import RpcError
@@ -120,6 +120,7 @@ class RunDriver:
         host: str = "127.0.0.1",
         max_message_bytes: int = 16 * 1024 * 1024,
         discovery_ttl_s: float = 5.0,
+        admission_concurrency: int = 256,
     ) -> None:
         self.run_id = run_id
         self.program = program
@@ -143,6 +144,9 @@ class RunDriver:
         self._known: dict[str, Endpoint] = {}  # replicas the recovery sweep asks, by address
         self._cache.add_listener(self._remember)
         self._credits = asyncio.Semaphore(max_in_flight)
+        # Admissions in progress at once: a burst of thousands of first deliveries would only queue
+        # inside gRPC; tasks wait for a slot here, in order.
+        self._admission_slots = asyncio.Semaphore(admission_concurrency)
         self._all_done = asyncio.Event()
         self._source_done = False
         self._server: grpc.aio.Server | None = None
@@ -239,7 +243,7 @@ class RunDriver:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
-        server = grpc.aio.server(options=channel_options(self._max_message_bytes))
+        server = grpc.aio.server(options=server_options(self._max_message_bytes))
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_insecure_port(f"{self._host}:0")
@@ -292,6 +296,15 @@ class RunDriver:
 
     async def _admit(self, info: _InFlight) -> None:
         self._admitting.add(info.task_id)
+        try:
+            async with self._admission_slots:
+                await self._deliver_first(info)
+        finally:
+            self._admitting.discard(info.task_id)
+            info.admitted_at = time.monotonic()
+            self._check_done()
+
+    async def _deliver_first(self, info: _InFlight) -> None:
         orch = self._new_orchestrator(info)
         try:
             await self._router.deliver(orch.routing.current_role, orch, deadline=time.monotonic() + 120.0)
@@ -300,10 +313,6 @@ class RunDriver:
             orch.error.code = "admission"
             orch.error.message = f"could not deliver to the first role: {exc}"
             await self._finish(orch)
-        finally:
-            self._admitting.discard(info.task_id)
-            info.admitted_at = time.monotonic()
-            self._check_done()
 
     async def run(self) -> RunProgress:
         flusher = self._spawn(self._flush_loop())

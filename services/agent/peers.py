@@ -38,6 +38,7 @@ __all__ = [
     "channel_options",
     "decode_load",
     "encode_load",
+    "server_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,17 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of every agentmesh gRPC server. grpc cancels calls once more than 3,000 are pending
+    on a server by default; a replica bounds its work with its inbox (RESOURCE_EXHAUSTED) instead,
+    so that limit is lifted far above any inbox."""
+    return [
+        *channel_options(max_message_bytes),
+        ("grpc.server.max_pending_requests", 1 << 20),
+        ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
     ]
 
 

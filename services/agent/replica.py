@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import SpanKind
 
 from agentmesh.agent.payload import PayloadStore
-from agentmesh.agent.peers import LOAD_METADATA_KEY, PeerRouter, agent_service, channel_options, encode_load
+from agentmesh.agent.peers import LOAD_METADATA_KEY, PeerRouter, agent_service, encode_load, server_options
 from agentmesh.agent.role import Role, RoleContext, Task
 from agentmesh.agent.routing import SINK, RoutingProgram
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
@@ -202,7 +202,7 @@ class AgentReplica:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> str:
-        server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
+        server = grpc.aio.server(options=server_options(self.limits.max_message_bytes))
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -166,3 +166,33 @@ async def test_health_and_reflection_are_served_and_drain_flips_health() -> None
             await drain
     finally:
         await mesh.stop()
+
+
+async def test_a_burst_of_5000_deliveries_is_accepted_not_cancelled() -> None:
+    """grpc cancels calls past 3,000 pending on a server by default; replicas lift that limit and
+    bound their work with the inbox instead (regression: a 10,000-task admission burst stalled)."""
+    disc = MemoryDiscovery()
+
+    class Park(Role):
+        async def step(self, task: Task) -> None:
+            await asyncio.Event().wait()
+
+    limits = ReplicaLimits(concurrency=1, inbox=6000)
+    mesh = LocalMesh(
+        run_id="r1",
+        roles={"a": LocalRole(Park, limits=limits)},
+        programs={"p": Sequential("p", ["a"])},
+        discovery=disc,
+    )
+    await mesh.start()
+    try:
+        async with grpc.aio.insecure_channel(mesh.replicas["a"][0].address) as ch:
+            stub = agent_pb2_grpc.AgentServiceStub(ch)
+            replies = await asyncio.gather(
+                *(stub.Deliver(good_orch(f"t{i}"), timeout=60) for i in range(5000)), return_exceptions=True
+            )
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        assert not errors, f"{len(errors)} deliveries failed, e.g. {errors[0]!r}"
+        assert len(mesh.replicas["a"][0].held_task_ids()) == 5000
+    finally:
+        await mesh.stop()
