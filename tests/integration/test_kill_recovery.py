@@ -39,14 +39,12 @@ def _held(address: str) -> list[str]:
     return list(reply.task_ids)
 
 
-def test_sigkill_one_replica_mid_run_every_task_once(tmp_path: Path, ray_session: None) -> None:
-    import ray
-
-    cfg = load_config(
+def _sim_run_config(tmp_path: Path, tasks: int):
+    return load_config(
         SIM_CONFIG,
         [
             f"output.dir={tmp_path / 'out'}",
-            "dataset.limit=30",
+            f"dataset.limit={tasks}",
             "llms.smollm2.simulator_profile=fast-test",
             "+llms.smollm2.options={step_base_s: 0.01, step_per_seq_s: 0.0005}",
             "roles.teacher.replicas=2",
@@ -54,9 +52,14 @@ def test_sigkill_one_replica_mid_run_every_task_once(tmp_path: Path, ray_session
             "discovery.ttl_s=2",
         ],
     )
-    killed: dict[str, Any] = {}
 
-    def killer(handle: RunHandle) -> None:
+
+def _signal_teacher_once_busy(sig: int, record: dict[str, Any]) -> Any:
+    """An ``on_started`` hook: send ``sig`` to the first teacher replica's process as soon as it
+    holds tasks; ``record`` gets the pid and the task ids it held."""
+    import ray
+
+    def act(handle: RunHandle) -> None:
         victim = handle.role_actors["teacher"][0]
         address = ray.get(victim.address.remote())
         pid = ray.get(victim.pid.remote())
@@ -64,15 +67,21 @@ def test_sigkill_one_replica_mid_run_every_task_once(tmp_path: Path, ray_session
         while time.monotonic() < deadline:
             held = _held(address)
             if held:
-                os.kill(pid, signal.SIGKILL)
-                killed.update(pid=pid, held=held)
+                os.kill(pid, sig)
+                record.update(pid=pid, held=held)
                 return
             time.sleep(0.02)
 
-    def on_started(handle: RunHandle) -> None:
-        threading.Thread(target=killer, args=(handle,), daemon=True).start()
+    return lambda handle: threading.Thread(target=act, args=(handle,), daemon=True).start()
 
-    progress = run_pipeline(cfg, say=lambda m: None, on_started=on_started)
+
+def test_sigkill_one_replica_mid_run_every_task_once(tmp_path: Path, ray_session: None) -> None:
+    killed: dict[str, Any] = {}
+    progress = run_pipeline(
+        _sim_run_config(tmp_path, 30),
+        say=lambda m: None,
+        on_started=_signal_teacher_once_busy(signal.SIGKILL, killed),
+    )
     assert killed, "the replica never held a task"
     records = list(read_records(tmp_path / "out"))
     ids = Counter(r["task_id"] for r in records)
@@ -158,39 +167,11 @@ async def test_sigkill_whole_run_then_resume_exactly_once(tmp_path: Path) -> Non
 
 
 def test_sigterm_drains_a_replica_without_losing_tasks(tmp_path: Path, ray_session: None) -> None:
-    import ray
-
-    cfg = load_config(
-        SIM_CONFIG,
-        [
-            f"output.dir={tmp_path / 'out'}",
-            "dataset.limit=20",
-            "llms.smollm2.simulator_profile=fast-test",
-            "+llms.smollm2.options={step_base_s: 0.01, step_per_seq_s: 0.0005}",
-            "roles.teacher.replicas=2",
-            "limits.recovery_interval_s=1.0",
-            "discovery.ttl_s=2",
-        ],
-    )
     drained: dict[str, Any] = {}
-
-    def terminator(handle: RunHandle) -> None:
-        victim = handle.role_actors["teacher"][0]
-        address = ray.get(victim.address.remote())
-        pid = ray.get(victim.pid.remote())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            held = _held(address)
-            if held:
-                os.kill(pid, signal.SIGTERM)
-                drained.update(pid=pid, held=held)
-                return
-            time.sleep(0.02)
-
     progress = run_pipeline(
-        cfg,
+        _sim_run_config(tmp_path, 20),
         say=lambda m: None,
-        on_started=lambda h: threading.Thread(target=terminator, args=(h,), daemon=True).start(),
+        on_started=_signal_teacher_once_busy(signal.SIGTERM, drained),
     )
     assert drained, "the replica never held a task"
     ids = Counter(r["task_id"] for r in read_records(tmp_path / "out"))
