@@ -193,6 +193,53 @@ async def echo_run(size: int, seconds: float, in_flight: int) -> dict[str, Any]:
     }
 
 
+async def stream_echo_run(size: int, seconds: float, in_flight: int) -> dict[str, Any]:
+    """One bidirectional stream, ``in_flight`` messages outstanding: what a streaming Deliver
+    between two peers could reach, against the unary echo above."""
+
+    async def echo(requests: Any, context: Any) -> Any:
+        async for r in requests:
+            yield r
+
+    opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    server = grpc.aio.server(options=opts)
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    payload = b"h" * size
+    window = asyncio.Semaphore(in_flight)
+    count = [0]
+    stop = [False]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+        call = ch.stream_stream("/bench.Echo/Stream")()
+
+        async def writer() -> None:
+            while not stop[0]:
+                await window.acquire()
+                await call.write(payload)
+            await call.done_writing()
+
+        async def reader() -> None:
+            async for _ in call:
+                count[0] += 1
+                window.release()
+
+        tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
+        await asyncio.sleep(1.0)
+        n0, cpu0, t0 = count[0], cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        n1, cpu1, t1 = count[0], cpu_seconds(), time.perf_counter()
+        stop[0] = True
+        await asyncio.wait(tasks, timeout=5)
+        for t in tasks:
+            t.cancel()
+    await server.stop(0)
+    return {"size": size, "msgs_per_s": (n1 - n0) / (t1 - t0), "msgs_per_cpu_s": (n1 - n0) / (cpu1 - cpu0)}
+
+
 async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"params": vars(ns), "cases": []}
     rows = []
@@ -240,6 +287,23 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
         cut = 1 - big[1]["mesh"]["bytes_per_hop"] / big[0]["mesh"]["bytes_per_hop"]
         results["offload_bytes_cut"] = cut
         print(f"offloading cuts bytes per hop on 200 KB histories by {cut:.1%}")
+    stream_rows = []
+    for case in [c for c in results["cases"] if not c["mesh"]["offload"]]:
+        st = await stream_echo_run(case["echo"]["size"], ns.seconds, ns.in_flight)
+        case["stream_echo"] = st
+        stream_rows.append(
+            [
+                f"{st['size'] // 1000} KB",
+                case["echo"]["calls_per_cpu_s"],
+                st["msgs_per_cpu_s"],
+                f"{st['msgs_per_cpu_s'] / case['echo']['calls_per_cpu_s']:.2f}",
+            ]
+        )
+    print_table(
+        "is a stream between peers worth it? bare grpc.aio echo, per CPU-second",
+        ["size", "unary echo/cpu-s", "bidi-stream msgs/cpu-s", "stream/unary"],
+        stream_rows,
+    )
     worst = min(c["ratio_per_cpu"] for c in results["cases"] if not c["mesh"]["offload"])
     results["worst_ratio_per_cpu"] = worst
     print(f"mesh throughput per CPU-second vs grpc.aio echo (worst case): {worst:.0%} (goal >= 60%)")
