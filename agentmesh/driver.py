@@ -33,6 +33,7 @@ from agentmesh.agent.peers import PeerRouter, agent_service, server_options
 from agentmesh.agent.routing import SINK, RoutingProgram
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import RpcError
+from agentmesh.sink import record_from_orchestrator
 from agentmesh.tracing import inject_into, tracer
 from agentmesh.v1 import agent_pb2 as apb
 from agentmesh.v1 import orchestrator_pb2 as pb
@@ -191,8 +192,6 @@ class RunDriver:
             return
         if orch.status == pb.TASK_STATUS_RUNNING:
             orch.status = pb.TASK_STATUS_DONE
-        from agentmesh.sink import record_from_orchestrator
-
         record = record_from_orchestrator(orch, contents=contents, finished_unix_ns=time.time_ns())
         self._writer.write(record)
         p = self.progress
