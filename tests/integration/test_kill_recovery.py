@@ -139,10 +139,12 @@ async def test_sigkill_whole_run_then_resume_exactly_once(tmp_path: Path) -> Non
         while sim.stats()["running"] or sim.stats()["waiting"]:
             await asyncio.sleep(0.05)
         served_before = sim.stats()["generation_tokens"]
+        calls_before = sim.stats()["requests_total"]
 
         proc2 = await asyncio.create_subprocess_exec(*cmd, env=env, start_new_session=True, cwd=tmp_path)
         assert await asyncio.wait_for(proc2.wait(), 240) == 0
         served_after = sim.stats()["generation_tokens"]
+        calls_after = sim.stats()["requests_total"]
     finally:
         await sim.stop()
 
@@ -157,6 +159,9 @@ async def test_sigkill_whole_run_then_resume_exactly_once(tmp_path: Path) -> Non
     assert {r["run_id"] for r in second} != {r["run_id"] for r in first}
     generated_second = sum(h["usage"]["completion_tokens"] for r in second for h in r["history"])
     assert served_after - served_before == generated_second
+    # and made exactly the LLM calls recorded in the tasks it wrote (each LLM turn says how many it made)
+    calls_second = sum(int(h["metadata"].get("llm_calls", "0")) for r in second for h in r["history"])
+    assert calls_after - calls_before == calls_second > 0
     # the records of the first run are untouched
     by_id = {r["task_id"]: r for r in records}
     for r in first:

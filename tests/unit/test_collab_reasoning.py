@@ -186,6 +186,7 @@ async def test_teacher_first_turn_is_the_question_alone() -> None:
         "model": "fake-model",
         "turn": "0",
         "llm_replica": "fake-0",
+        "llm_calls": "1",
     }
 
 

@@ -324,6 +324,7 @@ class Debater(Role):
                 "model": result.model,
                 "turn": str(task.turn),
                 "llm_replica": result.replica_id,
+                "llm_calls": "1",
             },
         )
 
@@ -399,13 +400,14 @@ class Extractor(Role):
             latest[role] = content
         answers: dict[str, str] = {}
         via: dict[str, str] = {}
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = llm_calls = 0
         for side, role in (("teacher", self.teacher_role), ("student", self.student_role)):
             text = latest.get(role, "")
             letter = extract_letter(text, options.keys(), options)
             via[side] = "regex" if letter else "none"
             if letter is None and self.use_llm and text.strip():
                 letter, p, c = await self._ask_llm(task, text, options)
+                llm_calls += 1
                 prompt_tokens += p
                 completion_tokens += c
                 via[side] = "llm" if letter else "none"
@@ -420,7 +422,12 @@ class Extractor(Role):
             f"teacher={answers['teacher']} student={answers['student']}",
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            metadata={"turn": str(task.turn), "teacher_via": via["teacher"], "student_via": via["student"]},
+            metadata={
+                "turn": str(task.turn),
+                "teacher_via": via["teacher"],
+                "student_via": via["student"],
+                "llm_calls": str(llm_calls),
+            },
         )
 
 
