@@ -17,10 +17,18 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentmesh.errors import DiscoveryError
 
-__all__ = ["Discovery", "Endpoint", "EndpointCache", "Registration", "validate_service_name"]
+__all__ = [
+    "Discovery",
+    "Endpoint",
+    "EndpointCache",
+    "KeepAliveRegistration",
+    "Registration",
+    "validate_service_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,43 @@ class Registration(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Deregister now (graceful drain). Idempotent."""
+
+
+class KeepAliveRegistration(Registration):
+    """A registration that a background task keeps alive until :meth:`close` withdraws it.
+
+    Backends say how to keep it alive (:meth:`_keepalive`, a loop) and how to withdraw it
+    (:meth:`_withdraw`); ``live`` is the backend's set of open registrations (closed on its close).
+    """
+
+    def __init__(self, endpoint: Endpoint, live: set[Any]) -> None:
+        self.endpoint = endpoint
+        self._live = live
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _start(self, name: str) -> None:
+        self._live.add(self)
+        self._task = asyncio.create_task(self._keepalive(), name=name)
+
+    @abc.abstractmethod
+    async def _keepalive(self) -> None:
+        """Keep the registration alive, forever (cancelled by :meth:`close`)."""
+
+    @abc.abstractmethod
+    async def _withdraw(self) -> None:
+        """Remove the registration from the store now."""
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._live.discard(self)
+        await self._withdraw()
 
 
 class Discovery(abc.ABC):

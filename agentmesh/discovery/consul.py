@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from agentmesh.discovery.base import Discovery, Endpoint, Registration, validate_service_name
+from agentmesh.discovery.base import (
+    Discovery,
+    Endpoint,
+    KeepAliveRegistration,
+    Registration,
+    validate_service_name,
+)
 from agentmesh.errors import DiscoveryError
 
 __all__ = ["ConsulDiscovery", "consul_service_name"]
@@ -77,17 +83,15 @@ def _parse_url(url: str) -> tuple[str, int]:
         raise DiscoveryError(f"bad consul url {url!r}: expected consul://host:port") from None
 
 
-class _ConsulRegistration(Registration):
+class _ConsulRegistration(KeepAliveRegistration):
     """One service instance with a TTL check, passed in the background until :meth:`close`."""
 
     def __init__(self, discovery: ConsulDiscovery, endpoint: Endpoint, ttl_s: float) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint, discovery._registrations)
         self._discovery = discovery
         self._ttl_s = ttl_s
         self.service_id = f"{endpoint.service}:{endpoint.id}"
         self.check_id = f"service:{self.service_id}"
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
 
     async def _register(self) -> None:
         ep = self.endpoint
@@ -114,9 +118,6 @@ class _ConsulRegistration(Registration):
             ),
         )
 
-    def _start(self) -> None:
-        self._task = asyncio.create_task(self._keepalive(), name=f"consul-keepalive:{self.service_id}")
-
     async def _keepalive(self) -> None:
         interval = self._ttl_s / 3
         while True:
@@ -139,15 +140,7 @@ class _ConsulRegistration(Registration):
                     "registering %s again failed (%s); retrying in %.1fs", self.service_id, exc, interval
                 )
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._discovery._registrations.discard(self)
+    async def _withdraw(self) -> None:
         try:
             await self._discovery._call(
                 "service deregister", lambda c: c.agent.service.deregister(self.service_id)
@@ -242,8 +235,7 @@ class ConsulDiscovery(Discovery):
             raise DiscoveryError(f"ttl_s must be > 0, got {ttl_s!r}")
         reg = _ConsulRegistration(self, endpoint, ttl_s)
         await reg._register()
-        self._registrations.add(reg)
-        reg._start()
+        reg._start(f"consul-keepalive:{reg.service_id}")
         return reg
 
     @staticmethod

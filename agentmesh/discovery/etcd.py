@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 import aetcd
 import grpc
 
-from agentmesh.discovery.base import Discovery, Endpoint, Registration, validate_service_name
+from agentmesh.discovery.base import (
+    Discovery,
+    Endpoint,
+    KeepAliveRegistration,
+    Registration,
+    validate_service_name,
+)
 from agentmesh.errors import DiscoveryError
 
 __all__ = ["EtcdDiscovery"]
@@ -58,27 +64,22 @@ def _parse_url(url: str) -> list[tuple[str, int]]:
     return endpoints
 
 
-class _EtcdRegistration(Registration):
+class _EtcdRegistration(KeepAliveRegistration):
     """One key under one lease, kept alive by a background task until :meth:`close`."""
 
     def __init__(self, discovery: EtcdDiscovery, endpoint: Endpoint, ttl: int) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint, discovery._registrations)
         self._discovery = discovery
         self._key = discovery._key(endpoint.service, endpoint.id)
         self._value = json.dumps(endpoint.to_json_dict(), sort_keys=True).encode()
         self._ttl = ttl
         self.lease_id: int | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
 
     async def _grant_and_put(self) -> None:
         lease = await self._discovery._rpc("lease grant", lambda c: c.lease(self._ttl))
         # Remember the lease before the put: if we are cancelled mid-put, close() still revokes it.
         self.lease_id = lease.id
         await self._discovery._rpc("put", lambda c: c.put(self._key, self._value, lease=lease.id))
-
-    def _start(self) -> None:
-        self._task = asyncio.create_task(self._keepalive(), name=f"etcd-keepalive:{self._key.decode()}")
 
     @staticmethod
     def _refresh_call(lease_id: int) -> Callable[[aetcd.Client], Awaitable[Any]]:
@@ -104,15 +105,7 @@ class _EtcdRegistration(Registration):
                     "keeping %s registered failed (%s); retrying in %.1fs", self._key.decode(), exc, interval
                 )
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._discovery._registrations.discard(self)
+    async def _withdraw(self) -> None:
         if self.lease_id is not None:
             lease_id, self.lease_id = self.lease_id, None
             try:
@@ -227,8 +220,7 @@ class EtcdDiscovery(Discovery):
         except BaseException:
             await reg.close()
             raise
-        self._registrations.add(reg)
-        reg._start()
+        reg._start(f"etcd-keepalive:{reg._key.decode()}")
         return reg
 
     @staticmethod
