@@ -13,8 +13,8 @@ from agentmesh.agent.payload import MemoryPayloadStore
 from agentmesh.agent.replica import ReplicaLimits
 from agentmesh.agent.routing import LoopUntil, Sequential
 from agentmesh.discovery.memory import MemoryDiscovery
-from agentmesh.driver import RunDriver
-from agentmesh.sink import SinkWriter, read_records
+from agentmesh.sink import read_records
+from tests.integration.mesh_run import sink_driver
 
 pytestmark = pytest.mark.integration
 
@@ -51,25 +51,12 @@ async def run_mesh(tmp_path: Path, roles, program, rows, *, payloads=None, max_i
         run_id="r1", roles=roles, programs={program.name: program}, discovery=disc, payloads=payloads
     )
     await mesh.start()
-    writer = SinkWriter(tmp_path / "out", formats=("jsonl",))
-    done = writer.open()
-    driver = RunDriver(
-        run_id="r1",
-        program=program,
-        discovery=disc,
-        writer=writer,
-        tasks=((f"t{i}", 0, row) for i, row in enumerate(rows) if f"t{i}" not in done),
-        roles=program.roles(),
-        max_in_flight=max_in_flight,
-        payloads=payloads,
-        recovery_interval_s=0,
-    )
-    await driver.start()
     try:
-        progress = await asyncio.wait_for(driver.run(), 60)
+        async with sink_driver(
+            tmp_path / "out", program, disc, rows, max_in_flight=max_in_flight, payloads=payloads
+        ) as driver:
+            progress = await asyncio.wait_for(driver.run(), 60)
     finally:
-        writer.close()
-        await driver.stop()
         await mesh.stop()
     return progress, list(read_records(tmp_path / "out"))
 

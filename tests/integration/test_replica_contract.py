@@ -13,10 +13,10 @@ from agentmesh.agent.local import LocalMesh, LocalRole
 from agentmesh.agent.replica import ReplicaLimits
 from agentmesh.agent.routing import Sequential
 from agentmesh.discovery.memory import MemoryDiscovery
-from agentmesh.driver import RunDriver
-from agentmesh.sink import SinkWriter, read_records
+from agentmesh.sink import read_records
 from agentmesh.v1 import agent_pb2, agent_pb2_grpc
 from agentmesh.v1 import orchestrator_pb2 as pb
+from tests.integration.mesh_run import sink_driver
 
 pytestmark = pytest.mark.integration
 
@@ -45,60 +45,52 @@ async def test_bad_messages_get_clear_statuses_and_the_replica_keeps_serving(tmp
         run_id="r1", roles={"a": LocalRole(Slow, limits=limits)}, programs={"p": prog}, discovery=disc
     )
     await mesh.start()
-    writer = SinkWriter(tmp_path / "out", formats=("jsonl",))
-    writer.open()
-    driver = RunDriver(
-        run_id="r1",
-        program=prog,
-        discovery=disc,
-        writer=writer,
-        tasks=((f"t{i}", 0, {"i": i}) for i in range(40)),
-        roles={"a"},
-        max_in_flight=8,
-        recovery_interval_s=0,
-    )
-    await driver.start()
-    run = asyncio.create_task(driver.run())
-    address = mesh.replicas["a"][0].address
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
-        raw = ch.unary_unary(DELIVER)
+    async with sink_driver(
+        tmp_path / "out", prog, disc, ({"i": i} for i in range(40)), max_in_flight=8
+    ) as driver:
+        run = asyncio.create_task(driver.run())
+        address = mesh.replicas["a"][0].address
+        async with grpc.aio.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 8 << 20)]
+        ) as ch:
+            raw = ch.unary_unary(DELIVER)
 
-        async def expect(payload: bytes, code: grpc.StatusCode, fragment: str) -> None:
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await raw(payload, timeout=5)
-            assert info.value.code() == code, info.value
-            assert fragment in (info.value.details() or ""), info.value.details()
+            async def expect(payload: bytes, code: grpc.StatusCode, fragment: str) -> None:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await raw(payload, timeout=5)
+                assert info.value.code() == code, info.value
+                assert fragment in (info.value.details() or ""), info.value.details()
 
-        # malformed bytes
-        await expect(b"\xff\xff\xff\x0f garbage", grpc.StatusCode.INVALID_ARGUMENT, "malformed Orchestrator")
-        # wrong wire version
-        o = good_orch()
-        o.schema_version = 7  # type: ignore[assignment]
-        await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "schema_version")
-        # wrong run, wrong role, unknown program, empty task id
-        o = good_orch()
-        o.run_id = "other"
-        await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "run_id")
-        o = good_orch()
-        o.routing.current_role = "b"
-        await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "current_role")
-        o = good_orch()
-        o.routing.program = "nope"
-        await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "routing.program")
-        o = good_orch("")
-        await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "task_id")
-        # oversized (2 MiB > the replica's 1 MiB limit)
-        o = good_orch()
-        o.history.add(role="x", content="y" * (2 << 20))
-        await expect(o.SerializeToString(), grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+            # malformed bytes
+            await expect(
+                b"\xff\xff\xff\x0f garbage", grpc.StatusCode.INVALID_ARGUMENT, "malformed Orchestrator"
+            )
+            # wrong wire version
+            o = good_orch()
+            o.schema_version = 7  # type: ignore[assignment]
+            await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "schema_version")
+            # wrong run, wrong role, unknown program, empty task id
+            o = good_orch()
+            o.run_id = "other"
+            await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "run_id")
+            o = good_orch()
+            o.routing.current_role = "b"
+            await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "current_role")
+            o = good_orch()
+            o.routing.program = "nope"
+            await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "routing.program")
+            o = good_orch("")
+            await expect(o.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "task_id")
+            # oversized (2 MiB > the replica's 1 MiB limit)
+            o = good_orch()
+            o.history.add(role="x", content="y" * (2 << 20))
+            await expect(o.SerializeToString(), grpc.StatusCode.RESOURCE_EXHAUSTED, "")
 
-        stub = agent_pb2_grpc.AgentServiceStub(ch)
-        load = await stub.Load(agent_pb2.LoadRequest(), timeout=5)
-        assert load.replica_id == "a-0" and load.concurrency == 2
+            stub = agent_pb2_grpc.AgentServiceStub(ch)
+            load = await stub.Load(agent_pb2.LoadRequest(), timeout=5)
+            assert load.replica_id == "a-0" and load.concurrency == 2
 
-    progress = await asyncio.wait_for(run, 30)
-    writer.close()
-    await driver.stop()
+        progress = await asyncio.wait_for(run, 30)
     stats = mesh.replicas["a"][0].stats
     await mesh.stop()
     assert progress.done == 40 and progress.failed == 0

@@ -14,9 +14,8 @@ from agentmesh.agent import Role, Task
 from agentmesh.agent.local import LocalMesh, LocalRole
 from agentmesh.agent.routing import LoopUntil
 from agentmesh.discovery.memory import MemoryDiscovery
-from agentmesh.driver import RunDriver
-from agentmesh.sink import SinkWriter
 from agentmesh.tracing import configure_tracing
+from tests.integration.mesh_run import sink_driver
 
 pytestmark = pytest.mark.integration
 
@@ -42,21 +41,8 @@ async def test_each_task_is_one_trace_across_replicas(tmp_path: Path) -> None:
     roles = {n: LocalRole(Speak, replicas=2) for n in ("teacher", "student", "judge")}
     mesh = LocalMesh(run_id="r1", roles=roles, programs={"debate": prog}, discovery=disc)
     await mesh.start()
-    writer = SinkWriter(tmp_path / "out", formats=("jsonl",))
-    writer.open()
-    driver = RunDriver(
-        run_id="r1",
-        program=prog,
-        discovery=disc,
-        writer=writer,
-        tasks=((f"t{i}", 0, {}) for i in range(6)),
-        roles=prog.roles(),
-        recovery_interval_s=0,
-    )
-    await driver.start()
-    await asyncio.wait_for(driver.run(), 30)
-    writer.close()
-    await driver.stop()
+    async with sink_driver(tmp_path / "out", prog, disc, [{}] * 6) as driver:
+        await asyncio.wait_for(driver.run(), 30)
     await mesh.stop()
 
     spans = EXPORTER.get_finished_spans()
