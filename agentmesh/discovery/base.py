@@ -22,6 +22,7 @@ from typing import Any
 from agentmesh.errors import DiscoveryError
 
 __all__ = [
+    "ClientDiscovery",
     "Discovery",
     "Endpoint",
     "EndpointCache",
@@ -235,3 +236,25 @@ class EndpointCache:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+
+
+class ClientDiscovery(Discovery):
+    """A backend that talks to its store through one client object and keeps registrations alive.
+
+    Subclasses set ``_client`` (anything with an async ``close()``) when they connect and add their
+    registrations to ``_registrations``; :meth:`close` withdraws those, then closes the client.
+    """
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self._registrations: set[KeepAliveRegistration] = set()
+        self._closed = False
+
+    async def close(self) -> None:
+        for reg in list(self._registrations):
+            await reg.close()
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()

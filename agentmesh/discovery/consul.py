@@ -15,7 +15,6 @@ name travels in ``Meta["agentmesh_service"]`` and answers are filtered on it; th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -24,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from agentmesh.discovery.base import (
-    Discovery,
+    ClientDiscovery,
     Endpoint,
     KeepAliveRegistration,
     Registration,
@@ -149,7 +148,7 @@ class _ConsulRegistration(KeepAliveRegistration):
             log.warning("could not deregister %s (%s); its TTL check expires by itself", self.service_id, exc)
 
 
-class ConsulDiscovery(Discovery):
+class ConsulDiscovery(ClientDiscovery):
     """Discovery through one Consul agent.
 
     ``wait_s`` is how long a blocking query may hang before Consul answers unchanged;
@@ -167,14 +166,12 @@ class ConsulDiscovery(Discovery):
         wait_s: float = 30.0,
         deregister_after_s: float = 60.0,
     ) -> None:
+        super().__init__()
         self._host = host
         self._port = port
         self.request_timeout_s = request_timeout_s
         self.wait_s = wait_s
         self.deregister_after_s = deregister_after_s
-        self._client: Any = None
-        self._registrations: set[_ConsulRegistration] = set()
-        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> ConsulDiscovery:
@@ -301,12 +298,3 @@ class ConsulDiscovery(Discovery):
             if eps != last:
                 last = eps
                 yield eps
-
-    async def close(self) -> None:
-        for reg in list(self._registrations):
-            await reg.close()
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()

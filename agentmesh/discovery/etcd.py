@@ -21,7 +21,7 @@ import aetcd
 import grpc
 
 from agentmesh.discovery.base import (
-    Discovery,
+    ClientDiscovery,
     Endpoint,
     KeepAliveRegistration,
     Registration,
@@ -117,7 +117,7 @@ class _EtcdRegistration(KeepAliveRegistration):
                 )
 
 
-class EtcdDiscovery(Discovery):
+class EtcdDiscovery(ClientDiscovery):
     """Discovery on an etcd v3 cluster.
 
     ``endpoints`` are tried in order on first use and after a connection failure; the first that
@@ -128,13 +128,11 @@ class EtcdDiscovery(Discovery):
     def __init__(self, endpoints: Sequence[tuple[str, int]], *, request_timeout_s: float = 5.0) -> None:
         if not endpoints:
             raise DiscoveryError("etcd discovery needs at least one host:port endpoint")
+        super().__init__()
         self._endpoints = list(endpoints)
         self._request_timeout_s = request_timeout_s
-        self._client: aetcd.Client | None = None
         self._next_endpoint = 0
         self._connect_lock = asyncio.Lock()
-        self._registrations: set[_EtcdRegistration] = set()
-        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, *, request_timeout_s: float = 5.0) -> EtcdDiscovery:
@@ -306,12 +304,3 @@ class EtcdDiscovery(Discovery):
             # Tell etcd to drop the watch; bounded, since the connection may already be gone.
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(watch.cancel(), 1.0)
-
-    async def close(self) -> None:
-        for reg in list(self._registrations):
-            await reg.close()
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
