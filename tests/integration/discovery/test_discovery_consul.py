@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import statistics
 import time
 from collections.abc import AsyncIterator
 
 import pytest
-from discovery_helpers import next_within, start_registering_process
+from discovery_helpers import (
+    check_watch_follows_changes,
+    measure_register_to_watch,
+    next_within,
+    sample_endpoint,
+    start_registering_process,
+)
 from fake_consul import FakeConsulAgent
 
 from agentmesh.discovery import Endpoint, EndpointCache, connect
@@ -24,10 +29,6 @@ async def consul(fake_consul: FakeConsulAgent) -> AsyncIterator[ConsulDiscovery]
     discovery = ConsulDiscovery.from_url(fake_consul.url, deregister_after_s=0.5)
     yield discovery
     await discovery.close()
-
-
-def _ep(service: str, i: int, **meta: str) -> Endpoint:
-    return Endpoint(service, f"r{i}", f"127.0.0.1:{50000 + i}", meta)
 
 
 def _health_requests(agent: FakeConsulAgent) -> int:
@@ -61,20 +62,7 @@ async def test_register_then_snapshot_with_name_mapping(
 async def test_watch_yields_initial_list_then_every_change(
     consul: ConsulDiscovery, fake_consul: FakeConsulAgent
 ) -> None:
-    first = await consul.register(_ep("svc.a", 1), ttl_s=5)
-    watch = consul.watch("svc.a")
-    try:
-        assert await next_within(watch, 5) == [first.endpoint]
-        second = await consul.register(_ep("svc.a", 2), ttl_s=5)
-        assert await next_within(watch, 5) == [first.endpoint, second.endpoint]
-        t0 = time.monotonic()
-        await first.close()
-        assert await next_within(watch, 2) == [second.endpoint]
-        assert time.monotonic() - t0 < 1.0
-        await second.close()
-        assert await next_within(watch, 2) == []
-    finally:
-        await watch.aclose()
+    await check_watch_follows_changes(consul, "svc.a")
     # Every health query after the first was a blocking one.
     queries = [q for kind, q in fake_consul.requests if kind == "health"]
     assert all("index=" in q and "wait=" in q and "passing=" in q for q in queries[1:])
@@ -106,7 +94,7 @@ async def test_killed_process_turns_critical_within_ttl_then_is_reaped(
 
 
 async def test_keepalive_passes_the_check(consul: ConsulDiscovery, fake_consul: FakeConsulAgent) -> None:
-    reg = await consul.register(_ep("svc.alive", 1), ttl_s=0.6)
+    reg = await consul.register(sample_endpoint("svc.alive", 1), ttl_s=0.6)
     watch = consul.watch("svc.alive")
     try:
         assert await next_within(watch, 5) == [reg.endpoint]
@@ -123,7 +111,7 @@ async def test_keepalive_passes_the_check(consul: ConsulDiscovery, fake_consul: 
 async def test_registers_again_after_agent_forgot(
     consul: ConsulDiscovery, fake_consul: FakeConsulAgent
 ) -> None:
-    reg = await consul.register(_ep("svc.back", 1), ttl_s=0.9)
+    reg = await consul.register(sample_endpoint("svc.back", 1), ttl_s=0.9)
     watch = consul.watch("svc.back")
     try:
         assert await next_within(watch, 5) == [reg.endpoint]
@@ -144,7 +132,7 @@ async def test_endpoint_cache_is_pushed_updates(
     cache.add_listener(lambda svc, eps: heard.append(tuple(e.id for e in eps)))
     try:
         assert await cache.subscribe("svc.cache") == ()
-        regs = [await consul.register(_ep("svc.cache", i), ttl_s=5) for i in range(3)]
+        regs = [await consul.register(sample_endpoint("svc.cache", i), ttl_s=5) for i in range(3)]
         await cache.wait_for("svc.cache", lambda eps: len(eps) == 3, timeout_s=5)
         await regs[0].close()
         await cache.wait_for("svc.cache", lambda eps: [e.id for e in eps] == ["r1", "r2"], timeout_s=5)
@@ -190,21 +178,4 @@ async def test_cancelled_watch_is_clean(consul: ConsulDiscovery) -> None:
 
 
 async def test_register_and_watch_latency(consul: ConsulDiscovery) -> None:
-    watch = consul.watch("svc.lat")
-    register_s: list[float] = []
-    propagate_s: list[float] = []
-    try:
-        assert await next_within(watch, 5) == []
-        for i in range(20):
-            t0 = time.perf_counter()
-            reg = await consul.register(_ep("svc.lat", i), ttl_s=5)
-            register_s.append(time.perf_counter() - t0)
-            assert await next_within(watch, 2) == [reg.endpoint]
-            propagate_s.append(time.perf_counter() - t0)
-            await reg.close()
-            assert await next_within(watch, 2) == []
-    finally:
-        await watch.aclose()
-    reg_p50, prop_p50 = statistics.median(register_s), statistics.median(propagate_s)
-    print(f"\nconsul(fake): register p50 {reg_p50 * 1e3:.1f} ms, register->watch p50 {prop_p50 * 1e3:.1f} ms")
-    assert prop_p50 < 0.5
+    assert await measure_register_to_watch(consul, "svc.lat", "consul(fake)") < 0.5

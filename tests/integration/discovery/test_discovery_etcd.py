@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aetcd
 import pytest
-from discovery_helpers import next_within, start_registering_process
+from discovery_helpers import (
+    check_watch_follows_changes,
+    measure_register_to_watch,
+    next_within,
+    sample_endpoint,
+    start_registering_process,
+)
 
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration, connect
 from agentmesh.discovery.etcd import EtcdDiscovery
@@ -29,10 +34,6 @@ async def etcd(etcd_server: EtcdServer) -> AsyncIterator[EtcdDiscovery]:
     await discovery.close()
 
 
-def _ep(service: str, i: int, **meta: str) -> Endpoint:
-    return Endpoint(service, f"r{i}", f"127.0.0.1:{50000 + i}", meta)
-
-
 async def test_connect_url_gives_etcd_backend(etcd_server: EtcdServer) -> None:
     discovery = connect(etcd_server.url)
     assert isinstance(discovery, EtcdDiscovery)
@@ -40,12 +41,12 @@ async def test_connect_url_gives_etcd_backend(etcd_server: EtcdServer) -> None:
 
 
 async def test_register_then_snapshot(etcd: EtcdDiscovery, service_name: str) -> None:
-    ep = _ep(service_name, 1, scheme="grpc")
+    ep = sample_endpoint(service_name, 1, scheme="grpc")
     reg = await etcd.register(ep, ttl_s=5)
     assert reg.endpoint == ep
     assert await etcd.snapshot(service_name) == [ep]
     # A service whose name extends ours must not leak into our prefix.
-    other = await etcd.register(_ep(service_name + "x", 2), ttl_s=5)
+    other = await etcd.register(sample_endpoint(service_name + "x", 2), ttl_s=5)
     assert await etcd.snapshot(service_name) == [ep]
     await other.close()
     await reg.close()
@@ -53,25 +54,12 @@ async def test_register_then_snapshot(etcd: EtcdDiscovery, service_name: str) ->
 
 
 async def test_watch_yields_initial_list_then_every_change(etcd: EtcdDiscovery, service_name: str) -> None:
-    first = await etcd.register(_ep(service_name, 1), ttl_s=5)
-    watch = etcd.watch(service_name)
-    try:
-        assert await next_within(watch, 5) == [first.endpoint]
-        second = await etcd.register(_ep(service_name, 2), ttl_s=5)
-        assert await next_within(watch, 5) == [first.endpoint, second.endpoint]
-        # close() revokes the lease: the watch hears of it long before the 5 s TTL could run out.
-        t0 = time.monotonic()
-        await first.close()
-        assert await next_within(watch, 2) == [second.endpoint]
-        assert time.monotonic() - t0 < 1.0
-        await second.close()
-        assert await next_within(watch, 2) == []
-    finally:
-        await watch.aclose()
+    # close() revokes the lease: the watch hears of it long before the 5 s TTL could run out.
+    await check_watch_follows_changes(etcd, service_name)
 
 
 async def test_close_is_idempotent_and_removes_at_once(etcd: EtcdDiscovery, service_name: str) -> None:
-    reg = await etcd.register(_ep(service_name, 1), ttl_s=30)
+    reg = await etcd.register(sample_endpoint(service_name, 1), ttl_s=30)
     await reg.close()
     await reg.close()
     assert await etcd.snapshot(service_name) == []
@@ -100,7 +88,7 @@ async def test_killed_process_disappears_within_ttl(
 
 
 async def test_keepalive_outlives_ttl(etcd: EtcdDiscovery, service_name: str) -> None:
-    reg = await etcd.register(_ep(service_name, 1), ttl_s=1)
+    reg = await etcd.register(sample_endpoint(service_name, 1), ttl_s=1)
     watch = etcd.watch(service_name)
     try:
         assert await next_within(watch, 5) == [reg.endpoint]
@@ -116,7 +104,7 @@ async def test_keepalive_outlives_ttl(etcd: EtcdDiscovery, service_name: str) ->
 async def test_lost_lease_is_granted_again(
     etcd_server: EtcdServer, etcd: EtcdDiscovery, service_name: str
 ) -> None:
-    reg = await etcd.register(_ep(service_name, 1), ttl_s=3)
+    reg = await etcd.register(sample_endpoint(service_name, 1), ttl_s=3)
     lease_id = reg.lease_id  # type: ignore[attr-defined]
     watch = etcd.watch(service_name)
     host, port = etcd_server.client_endpoint.split(":")
@@ -139,7 +127,7 @@ async def test_malformed_records_are_skipped(
     etcd_server: EtcdServer, etcd: EtcdDiscovery, service_name: str
 ) -> None:
     host, port = etcd_server.client_endpoint.split(":")
-    reg = await etcd.register(_ep(service_name, 1), ttl_s=5)
+    reg = await etcd.register(sample_endpoint(service_name, 1), ttl_s=5)
     async with aetcd.Client(host=host, port=int(port)) as raw:
         await raw.put(f"/agentmesh/services/{service_name}/junk".encode(), b"{not json")
         try:
@@ -179,7 +167,7 @@ async def test_endpoint_cache_is_pushed_updates(etcd: EtcdDiscovery, service_nam
     cache.add_listener(lambda svc, eps: heard.append(tuple(e.id for e in eps)))
     try:
         assert await cache.subscribe(service_name) == ()
-        regs = [await etcd.register(_ep(service_name, i), ttl_s=5) for i in range(3)]
+        regs = [await etcd.register(sample_endpoint(service_name, i), ttl_s=5) for i in range(3)]
         await cache.wait_for(service_name, lambda eps: len(eps) == 3, timeout_s=5)
         assert [e.id for e in cache.get(service_name)] == ["r0", "r1", "r2"]
         await regs[1].close()
@@ -210,7 +198,7 @@ async def test_cancelled_watch_is_clean(etcd: EtcdDiscovery, service_name: str) 
     fresh = etcd.watch(service_name)
     try:
         assert await next_within(fresh, 5) == []
-        reg = await etcd.register(_ep(service_name, 1), ttl_s=5)
+        reg = await etcd.register(sample_endpoint(service_name, 1), ttl_s=5)
         assert await next_within(fresh, 5) == [reg.endpoint]
         await reg.close()
     finally:
@@ -235,7 +223,7 @@ async def test_unreachable_etcd_is_a_clear_error_not_a_hang() -> None:
 async def test_second_endpoint_is_used_when_first_is_down(etcd_server: EtcdServer, service_name: str) -> None:
     discovery = EtcdDiscovery.from_url(f"etcd://127.0.0.1:1,{etcd_server.client_endpoint}")
     try:
-        reg = await discovery.register(_ep(service_name, 1), ttl_s=5)
+        reg = await discovery.register(sample_endpoint(service_name, 1), ttl_s=5)
         assert await discovery.snapshot(service_name) == [reg.endpoint]
     finally:
         await discovery.close()
@@ -243,24 +231,7 @@ async def test_second_endpoint_is_used_when_first_is_down(etcd_server: EtcdServe
 
 async def test_register_and_watch_latency(etcd: EtcdDiscovery, service_name: str) -> None:
     """Measures register latency and watch propagation (register call -> watch yields)."""
-    watch = etcd.watch(service_name)
-    register_s: list[float] = []
-    propagate_s: list[float] = []
-    try:
-        assert await next_within(watch, 5) == []
-        for i in range(20):
-            t0 = time.perf_counter()
-            reg = await etcd.register(_ep(service_name, i), ttl_s=5)
-            register_s.append(time.perf_counter() - t0)
-            assert await next_within(watch, 2) == [reg.endpoint]
-            propagate_s.append(time.perf_counter() - t0)
-            await reg.close()
-            assert await next_within(watch, 2) == []
-    finally:
-        await watch.aclose()
-    reg_p50, prop_p50 = statistics.median(register_s), statistics.median(propagate_s)
-    print(f"\netcd: register p50 {reg_p50 * 1e3:.1f} ms, register->watch p50 {prop_p50 * 1e3:.1f} ms")
-    assert prop_p50 < 0.5
+    assert await measure_register_to_watch(etcd, service_name, "etcd") < 0.5
 
 
 def test_etcd_server_lifecycle(tmp_path: Path) -> None:
