@@ -1,7 +1,7 @@
 """In-process discovery for unit tests: no sockets, same semantics as the real backends.
 
-Registrations expire when their TTL passes without a keep-alive (driven by the injected clock),
-so lease behaviour can be tested without waiting on a real store.
+Registrations live until closed; :meth:`MemoryDiscovery.kill` removes one as if its lease had
+run out (its holder died), so lease behaviour can be tested without waiting on a real store.
 """
 
 from __future__ import annotations

@@ -181,8 +181,13 @@ class PeerRouter:
         return reported + peer.outstanding
 
     def _choose(self, endpoints: tuple[Endpoint, ...], now: float) -> _PeerState | None:
-        peers = [self._peer(ep) for ep in endpoints]
-        ready = [p for p in peers if p.unavailable_until <= now] or peers
+        if len(endpoints) <= 2:
+            candidates = [self._peer(ep) for ep in endpoints]
+        else:  # the common case touches two entries, not the whole membership
+            candidates = [self._peer(ep) for ep in self._rng.sample(endpoints, 2)]
+            if any(p.unavailable_until > now for p in candidates):
+                candidates = [self._peer(ep) for ep in endpoints]
+        ready = [p for p in candidates if p.unavailable_until <= now] or candidates
         if not ready:
             return None
         if len(ready) == 1:

@@ -122,7 +122,7 @@ class AgentReplica:
         self._draining = False
         self._workers: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._health = health.aio.HealthServicer()
         self._registration: Registration | None = None
         self._own_cache = endpoint_cache is None
         self._cache = endpoint_cache or EndpointCache(discovery)
@@ -241,9 +241,7 @@ class AgentReplica:
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
-            res = self._health.set(name, status)
-            if asyncio.iscoroutine(res):
-                await res
+            await self._health.set(name, status)
 
     async def drain(self, grace_s: float = 30.0) -> None:
         """Graceful drain (SIGTERM, preemption): leave discovery, finish held tasks, stop."""
