@@ -50,6 +50,7 @@ from agentmesh.llm_gateway.constants import (
     LLM_SERVICE_PREFIX,
     LLM_TIMEOUT_S,
 )
+from agentmesh.llm_gateway.providers import provider_for
 
 __all__ = [
     "AiohttpTransport",
@@ -435,10 +436,11 @@ class LlmClient:
     async def _attempt(
         self, ep: Endpoint, path: str, body: dict[str, Any], headers: Mapping[str, str], timeout_s: float
     ) -> dict[str, Any]:
-        scheme = ep.metadata.get("scheme", "http")
-        url = f"{scheme}://{ep.address}{path}"
+        provider = provider_for(ep)
+        url = provider.url(ep, path)
         # The replica may serve the model under its own name (metadata "model"); send that one.
-        payload = dict(body, model=ep.metadata.get("model") or self.model)
+        payload = provider.body(ep, dict(body, model=self.model))
+        headers = {**headers, **provider.headers(ep)}
         try:
             # Enforced here as well as by the transport, so no transport can overrun the deadline.
             async with asyncio.timeout(timeout_s):
