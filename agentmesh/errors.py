@@ -9,7 +9,8 @@ Transport errors are mapped once, at the gRPC boundary, into these classes::
     │   ├── InvalidArgument    the peer refused the message as malformed (INVALID_ARGUMENT)
     │   ├── Overloaded         the peer is full, try another or later (RESOURCE_EXHAUSTED)
     │   └── Unavailable        the peer is gone or draining (UNAVAILABLE)
-    ├── LlmError               an LLM call failed after its retries
+    ├── LlmError               an LLM call failed after its retries, or timed out
+    │   └── LlmRequestError    a replica refused the request itself (4xx; .status, .body)
     └── TaskFailed             a task's step failed for good (carries the cause)
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "DiscoveryError",
     "InvalidArgument",
     "LlmError",
+    "LlmRequestError",
     "Overloaded",
     "RpcError",
     "TaskFailed",
@@ -70,7 +72,20 @@ class Unavailable(RpcError):
 
 
 class LlmError(AgentMeshError):
-    """An LLM call failed after its retries."""
+    """An LLM call failed after its retries (or no replica could take it before its deadline)."""
+
+    timed_out: bool = False
+
+
+class LlmRequestError(LlmError):
+    """A replica refused the request itself (HTTP 4xx other than 408/429): it would fail the same
+    way on every replica, so it is not retried. ``status`` and ``body`` are the replica's answer
+    (a gateway server relays them to its caller)."""
+
+    def __init__(self, message: str, *, status: int, body: bytes = b"") -> None:
+        self.status = status
+        self.body = body
+        super().__init__(message)
 
 
 class TaskFailed(AgentMeshError):
