@@ -36,7 +36,10 @@ metric names: ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``, ``vllm:request_success_total``,
 ``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds``; plus ``agentmesh_sim_*``:
 requests received and rejected, busy seconds (>= 1 sequence running) and uptime, so that
-utilisation = busy / uptime, and lag seconds: how far the simulator itself fell behind its model).
+utilisation = busy / uptime, batch slot seconds (step duration x batch size, so that batch occupancy =
+slot seconds / (uptime x max_num_seqs)), and lag seconds: how far the simulator itself fell behind its
+model); ``GET /sim/stats``: the same counters as one JSON object (:meth:`SimulatedReplica.stats`).
+A non-streaming reply carries ``x-sim-service-time``: the seconds the replica spent on the request.
 
 Run it: ``python -m agentmesh.llm_gateway.simulator --port 0 --profile llama-3.1-8b-h100`` prints
 ``SIMULATOR_READY http://127.0.0.1:PORT``. In process: :class:`SimulatedReplica` and :func:`run_many`.
@@ -77,6 +80,7 @@ from agentmesh.llm_gateway.sim_profiles import (
 
 __all__ = [
     "PROFILES",
+    "SERVICE_TIME_HEADER",
     "BadRequest",
     "BatchingCore",
     "OfflineResult",
@@ -98,6 +102,8 @@ __all__ = [
 ]
 
 READY_PREFIX: Final = "SIMULATOR_READY"
+SERVICE_TIME_HEADER: Final = "x-sim-service-time"
+"""Response header of a non-streaming reply: seconds the replica spent on the request (decimal)."""
 # A step that ends this much later than modelled is not "caught up" by shortening the next one: the
 # simulator's own CPU is the bottleneck then, and the excess is counted in agentmesh_sim_lag_seconds.
 _MAX_CATCH_UP_S: Final = 0.05
@@ -441,6 +447,9 @@ class BatchingCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.busy_s = 0.0
+        self.slot_busy_s = 0.0
+        """Sequence-seconds of batch slots occupied (modelled): a step of duration d with b running
+        sequences adds d * b. Batch occupancy over a window = delta / (window * max_num_seqs)."""
         self.success: dict[str, int] = {"stop": 0, "length": 0, "abort": 0}
         self.ttft = _Histogram(_TTFT_BUCKETS)
         self.e2e = _Histogram(_E2E_BUCKETS)
@@ -512,6 +521,7 @@ class BatchingCore:
         self.generation_tokens_total += self._step_batch
         if self._step_batch:
             self.busy_s += self._step_dur
+            self.slot_busy_s += self._step_dur * self._step_batch
         for seq in self._joiners:
             if seq.state == _RUNNING:
                 seq.first_token_at = now
@@ -731,6 +741,7 @@ class SimulatedReplica:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/sim/stats", self._stats)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -781,6 +792,8 @@ class SimulatedReplica:
             "running": core.num_running,
             "waiting": core.num_waiting,
             "busy_s": core.busy_s,
+            "slot_busy_s": core.slot_busy_s,
+            "max_num_seqs": self.params.max_num_seqs,
             "uptime_s": uptime,
             "utilisation": core.busy_s / uptime if uptime > 0 else 0.0,
             "lag_s": engine.lag_s,
@@ -829,8 +842,13 @@ class SimulatedReplica:
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
 
+    async def _stats(self, request: web.Request) -> web.Response:
+        # JSON twin of /metrics' counters, cheap enough for a benchmark to sample several times a second.
+        return web.json_response(self.stats())
+
     async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         self.requests_total += 1
+        t_in = time.perf_counter()
         engine = self.engine
         if engine is None or not engine.running:
             return _error(503, "the simulated replica is stopping")
@@ -897,7 +915,10 @@ class SimulatedReplica:
             "usage": usage,
             "system_fingerprint": self._fingerprint,
         }
-        return web.Response(text=json.dumps(out), content_type="application/json")
+        # The replica's own time for this request (handler entry to reply built, queueing included),
+        # so that a client can tell the time spent outside the replica: its own and any proxy's.
+        headers = {SERVICE_TIME_HEADER: f"{time.perf_counter() - t_in:.6f}"}
+        return web.Response(text=json.dumps(out), content_type="application/json", headers=headers)
 
     async def _stream(
         self,
@@ -1036,6 +1057,12 @@ class SimulatedReplica:
                 "counter",
                 "Modelled seconds with >= 1 request running",
                 [(sl, core.busy_s)],
+            ),
+            (
+                "batch_slot_seconds_total",
+                "counter",
+                "Modelled sequence-seconds of batch slots occupied (step duration x batch size)",
+                [(sl, core.slot_busy_s)],
             ),
             (
                 "uptime_seconds",
