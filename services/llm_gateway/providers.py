@@ -23,13 +23,33 @@ Endpoint metadata keys:
 ``base_url``
     For external providers: the API root, e.g. ``https://api.openai.com/v1``.
 ``api_key_env``
-    The name of the environment variable holding the API key (optional for ``vllm``, which accepts
-    ``vllm serve --api-key``).
+    The name of the environment variable holding the API key. Optional: ``vllm`` sends no key
+    without it (``vllm serve --api-key`` needs one); the external providers fall back to
+    ``OPENAI_API_KEY``, ``AZURE_OPENAI_API_KEY`` and ``GEMINI_API_KEY``.
+``auth``
+    ``none``: send no key at all (an OpenAI-compatible server without authentication, registered
+    with ``provider=openai``). Absent: the provider's usual authentication.
 ``deployment``, ``api_version``
-    Azure OpenAI only.
+    Azure OpenAI only (both required): the deployment name and the ``api-version`` query value.
 ``probe``
     ``metrics`` (default for ``vllm``): the client may read the replica's queue from ``/metrics``;
-    ``none``: no load probe (external APIs).
+    ``none``: no load probe (the external providers never have one).
+
+How each provider addresses the OpenAI path ``/v1/<rest>`` (``<base>`` is ``base_url`` without a
+trailing slash):
+
+- ``vllm``: ``scheme://address/v1/<rest>``; key (if any) as ``Authorization: Bearer``.
+- ``openai``: ``<base>/<rest>``, base default ``https://api.openai.com/v1``;
+  ``Authorization: Bearer``.
+- ``azure``: ``<base>/openai/deployments/<deployment>/<rest>?api-version=<api_version>``, base the
+  resource endpoint (``https://NAME.openai.azure.com``); key in the ``api-key`` header.
+- ``gemini``: ``<base>/<rest>``, base default
+  ``https://generativelanguage.googleapis.com/v1beta/openai``; ``Authorization: Bearer``.
+
+Azure addresses the model by its deployment in the URL; the body's ``model`` is set to the
+deployment name too (the service ignores it there). Gemini's OpenAI-compatible API has chat
+completions but no legacy ``/completions``: asking for it is an :class:`LlmError` before anything is
+sent.
 """
 
 from __future__ import annotations
@@ -37,12 +57,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import quote, urlencode
 
 from agentmesh.discovery.base import Endpoint
 from agentmesh.errors import LlmError
 
 __all__ = [
     "PROVIDERS",
+    "AzureProvider",
+    "GeminiProvider",
+    "OpenAIProvider",
     "Provider",
     "VllmProvider",
     "api_key_from_env",
@@ -75,12 +99,13 @@ class Provider(Protocol):
         ...
 
 
-def api_key_from_env(ep: Endpoint, *, required: bool) -> str | None:
-    """The key named by ``ep.metadata['api_key_env']``, read from this process's environment.
+def api_key_from_env(ep: Endpoint, *, required: bool, default_env: str | None = None) -> str | None:
+    """The key named by ``ep.metadata['api_key_env']`` (else ``default_env``), read from this
+    process's environment when called, so a rotated key is picked up without a restart.
 
     The error names the variable, never its value.
     """
-    var = ep.metadata.get("api_key_env")
+    var = ep.metadata.get("api_key_env") or default_env
     if not var:
         if required:
             raise LlmError(f"replica {ep.id}: no api_key_env in its metadata; its provider needs a key")
@@ -117,7 +142,103 @@ class VllmProvider:
         return f"{ep.metadata.get('scheme', 'http')}://{ep.address}/metrics"
 
 
-PROVIDERS: dict[str, Provider] = {"vllm": VllmProvider()}
+def _api_path(ep: Endpoint, path: str) -> str:
+    """``/v1/chat/completions`` -> ``/chat/completions``: external base URLs already carry their
+    version prefix (OpenAI's ``/v1``, Gemini's ``/v1beta/openai``, Azure's deployment path)."""
+    if not path.startswith("/"):
+        raise LlmError(f"replica {ep.id}: expected an OpenAI path starting with '/', got {path!r}")
+    return path[3:] if path == "/v1" or path.startswith("/v1/") else path
+
+
+class _BearerProvider:
+    """An OpenAI-style API at ``<base_url>/<rest>`` with ``Authorization: Bearer <key>``."""
+
+    name: str
+    default_base_url: str
+    default_key_env: str
+    # OpenAI paths (after /v1) this provider does not serve, and why: a clear error instead of a 404.
+    unsupported: Mapping[str, str] = {}
+
+    def base_url(self, ep: Endpoint) -> str:
+        return (ep.metadata.get("base_url") or self.default_base_url).rstrip("/")
+
+    def url(self, ep: Endpoint, path: str) -> str:
+        rest = _api_path(ep, path)
+        why = self.unsupported.get(rest.split("?", 1)[0])
+        if why is not None:
+            raise LlmError(f"replica {ep.id} ({self.name}): {path} is not available: {why}")
+        return self.base_url(ep) + rest
+
+    def headers(self, ep: Endpoint) -> dict[str, str]:
+        if ep.metadata.get("auth") == "none":
+            return {}
+        key = api_key_from_env(ep, required=True, default_env=self.default_key_env)
+        return {"Authorization": f"Bearer {key}"}
+
+    def body(self, ep: Endpoint, body: Mapping[str, Any]) -> dict[str, Any]:
+        model = ep.metadata.get("model")
+        return dict(body, model=model) if model else dict(body)
+
+    def probe_url(self, ep: Endpoint) -> str | None:
+        return None  # no external API reports its queue; the client balances on in-flight counts
+
+
+class OpenAIProvider(_BearerProvider):
+    """The OpenAI API, and any OpenAI-compatible server given by ``base_url`` (the generic case)."""
+
+    name = "openai"
+    default_base_url = "https://api.openai.com/v1"
+    default_key_env = "OPENAI_API_KEY"
+
+
+class GeminiProvider(_BearerProvider):
+    """Google's Gemini API through its OpenAI-compatible endpoint (API key as a bearer token)."""
+
+    name = "gemini"
+    default_base_url = "https://generativelanguage.googleapis.com/v1beta/openai"
+    default_key_env = "GEMINI_API_KEY"
+    unsupported = {
+        "/completions": "Gemini's OpenAI-compatible API has no legacy /completions endpoint "
+        "(use chat completions)",
+    }
+
+
+class AzureProvider:
+    """Azure OpenAI: a resource endpoint, a deployment in the path, ``api-version`` in the query and
+    the key in an ``api-key`` header."""
+
+    name = "azure"
+    default_key_env = "AZURE_OPENAI_API_KEY"
+
+    @staticmethod
+    def _required(ep: Endpoint, key: str) -> str:
+        value = ep.metadata.get(key)
+        if not value:
+            raise LlmError(f"replica {ep.id} (azure): no {key} in its discovery metadata (required)")
+        return value
+
+    def url(self, ep: Endpoint, path: str) -> str:
+        base = self._required(ep, "base_url").rstrip("/")
+        deployment = quote(self._required(ep, "deployment"), safe="")
+        query = urlencode({"api-version": self._required(ep, "api_version")})
+        return f"{base}/openai/deployments/{deployment}{_api_path(ep, path)}?{query}"
+
+    def headers(self, ep: Endpoint) -> dict[str, str]:
+        key = api_key_from_env(ep, required=True, default_env=self.default_key_env)
+        return {"api-key": key} if key else {}
+
+    def body(self, ep: Endpoint, body: Mapping[str, Any]) -> dict[str, Any]:
+        # The deployment in the URL picks the model; the body's model is ignored by the service.
+        # Sending the deployment name keeps what the replica sees consistent with the URL.
+        return dict(body, model=self._required(ep, "deployment"))
+
+    def probe_url(self, ep: Endpoint) -> str | None:
+        return None
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p for p in (VllmProvider(), OpenAIProvider(), AzureProvider(), GeminiProvider())
+}
 """Providers by the ``provider`` metadata value."""
 
 
