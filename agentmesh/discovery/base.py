@@ -166,6 +166,11 @@ class EndpointCache:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (no error if it was not there)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     async def subscribe(self, service: str, *, timeout_s: float = 10.0) -> tuple[Endpoint, ...]:
         """Start watching ``service`` (once) and wait for its first snapshot."""
         validate_service_name(service)

@@ -17,8 +17,14 @@ __all__ = [
     "LLM_BACKOFF_MAX_S",
     "LLM_CONNECTOR_LIMIT",
     "LLM_CONNECT_TIMEOUT_S",
+    "LLM_DEAD_REPROBE_S",
     "LLM_ENDPOINT_WAIT_S",
+    "LLM_LOAD_STALENESS_S",
     "LLM_MAX_ATTEMPTS",
+    "LLM_MAX_IN_FLIGHT_PER_REPLICA",
+    "LLM_MEASURE_TTFT",
+    "LLM_PROBE_TIMEOUT_MAX_S",
+    "LLM_PROBE_TIMEOUT_S",
     "LLM_REPLICA_TTL_S",
     "LLM_SERVICE_PREFIX",
     "LLM_TIMEOUT_S",
@@ -76,6 +82,26 @@ LLM_CONNECTOR_LIMIT = _env_int("AGENTMESH_LLM_CONNECTOR_LIMIT", 4096)
 
 LLM_ENDPOINT_WAIT_S = _env_float("AGENTMESH_LLM_ENDPOINT_WAIT_S", 10.0)
 """How long a call waits for a first replica of its model to appear in discovery."""
+
+LLM_LOAD_STALENESS_S = _env_float("AGENTMESH_LLM_LOAD_STALENESS_S", 1.0, minimum=0.001)
+"""How long a replica's probed queue length counts in the choice; older, the replica is re-probed
+(in the background) and until then only this client's own in-flight count is used."""
+
+LLM_PROBE_TIMEOUT_S = _env_float("AGENTMESH_LLM_PROBE_TIMEOUT_S", 0.05, minimum=0.001)
+"""First deadline of a load probe; it doubles after each probe that timed out, up to the max."""
+
+LLM_PROBE_TIMEOUT_MAX_S = _env_float("AGENTMESH_LLM_PROBE_TIMEOUT_MAX_S", 1.0, minimum=0.001)
+
+LLM_DEAD_REPROBE_S = _env_float("AGENTMESH_LLM_DEAD_REPROBE_S", 1.0, minimum=0.01)
+"""A replica that refused connections is left out of the choice and re-probed this often (doubling,
+up to 8x); it comes back when a probe reaches it or discovery gives it a new address."""
+
+LLM_MAX_IN_FLIGHT_PER_REPLICA = _env_int("AGENTMESH_LLM_MAX_IN_FLIGHT_PER_REPLICA", 0, minimum=0)
+"""Requests one client keeps outstanding on one replica at most (0: no limit, the replica queues).
+With a limit, calls beyond it wait in the client, in arrival order, retries first."""
+
+LLM_MEASURE_TTFT = _env_int("AGENTMESH_LLM_MEASURE_TTFT", 1, minimum=0) > 0
+"""Pipelines' LLM calls stream internally so that time to first token is measured (1) or not (0)."""
 
 LLM_REPLICA_TTL_S = _env_float("AGENTMESH_LLM_REPLICA_TTL_S", 5.0, minimum=0.5)
 """Lease of a replica's discovery entry: a dead replica disappears within this time."""

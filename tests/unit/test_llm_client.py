@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -15,9 +15,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from agentmesh.discovery.base import Endpoint, EndpointCache
 from agentmesh.discovery.memory import MemoryDiscovery
-from agentmesh.errors import LlmError
+from agentmesh.errors import LlmError, LlmRequestError
 from agentmesh.llm_gateway.client import (
     LlmClient,
+    ReplicaUnreachable,
     TransportError,
     TransportResponse,
     llm_service_name,
@@ -39,11 +40,70 @@ def _ok(text: str = "hi", prompt_tokens: int = 5, completion_tokens: int = 2) ->
 Handler = Callable[[str, Mapping[str, Any]], Any]
 
 
+def _metrics(running: int, waiting: int) -> TransportResponse:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{model_name="{MODEL}"}} {running}.0\n'
+        f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {waiting}.0\n'
+    )
+    return TransportResponse(200, text.encode())
+
+
+class FakeStream:
+    """A streamed answer: status, then ``lines`` one by one (an exception in the list is raised)."""
+
+    def __init__(
+        self, status: int, lines: list[Any], body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> None:
+        self.status = status
+        self.headers = headers or {}
+        self._lines = lines
+        self._body = body
+        self.closed = False
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        for item in self._lines:
+            await asyncio.sleep(0)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _sse_chat(
+    pieces: list[str], *, usage: tuple[int, int] = (5, 2), extra: list[Any] | None = None
+) -> FakeStream:
+    lines: list[Any] = []
+    for i, piece in enumerate(pieces):
+        finish = "stop" if i == len(pieces) - 1 else None
+        event = {
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}],
+        }
+        lines += [b"data: " + json.dumps(event).encode() + b"\n", b"\n"]
+    lines += list(extra or [])
+    usage_event = {
+        "model": MODEL,
+        "choices": [],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]},
+    }
+    lines += [b"data: " + json.dumps(usage_event).encode() + b"\n", b"\n", b"data: [DONE]\n"]
+    return FakeStream(200, lines)
+
+
 class FakeTransport:
     """Answers by host:port; records every call. A handler may be async (to hold requests open)."""
 
     def __init__(self, handlers: dict[str, Handler] | None = None) -> None:
         self.handlers = handlers or {}
+        self.stream_handlers: dict[str, Handler] = {}
+        self.probe_handlers: dict[str, Callable[[str], Any]] = {}
+        self.probes: list[str] = []
         self.calls: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         self.closed = False
         self._called = asyncio.Condition()
@@ -60,6 +120,34 @@ class FakeTransport:
         if asyncio.iscoroutine(result):
             result = await result
         assert isinstance(result, TransportResponse)
+        return result
+
+    async def get(self, url: str, *, timeout_s: float) -> TransportResponse:
+        address = url.split("://", 1)[1].split("/", 1)[0]
+        self.probes.append(address)
+        probe = self.probe_handlers.get(address)
+        if probe is not None:
+            result = probe(url)
+            if asyncio.iscoroutine(result):
+                result = await result
+            assert isinstance(result, TransportResponse)
+            return result
+        return _metrics(0, 0)
+
+    async def open_stream(
+        self, url: str, payload: Mapping[str, Any], *, headers: Mapping[str, str], timeout_s: float
+    ) -> FakeStream:
+        address = url.split("://", 1)[1].split("/", 1)[0]
+        self.calls.append((address, dict(payload), dict(headers)))
+        async with self._called:
+            self._called.notify_all()
+        handler = self.stream_handlers.get(address, lambda u, p: _sse_chat(["hi", " there"]))
+        result = handler(url, payload)
+        if asyncio.iscoroutine(result):
+            result = await result
+        if isinstance(result, TransportResponse):
+            return FakeStream(result.status, [], result.body, dict(result.headers))
+        assert isinstance(result, FakeStream)
         return result
 
     async def close(self) -> None:
@@ -355,3 +443,199 @@ async def test_span_joins_the_callers_trace(mesh: Any) -> None:
     assert chat.attributes["llm.model"] == MODEL and chat.attributes["llm.prompt_tokens"] == 5
     # The W3C context went to the replica too.
     assert f"{parent.get_span_context().trace_id:032x}" in transport.calls[0][2]["traceparent"]
+
+
+# -- failover, rejection, slowness, streaming, accounting ---------------------------------------
+
+
+async def test_unreachable_replica_is_dropped_at_once_and_no_call_fails(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, *(_ep(n) for n in range(1, 5)))
+    killed = False
+
+    def maybe_refuse(url: str, payload: Mapping[str, Any]) -> TransportResponse:
+        if killed:
+            raise ReplicaUnreachable("connection refused")
+        return _ok()
+
+    transport = FakeTransport({"10.0.0.2:8000": maybe_refuse})
+    transport.probe_handlers["10.0.0.2:8000"] = lambda url: maybe_refuse(url, {})
+    client = await _client(cache, transport)
+    msgs = [{"role": "user", "content": "x"}]
+    for _ in range(20):
+        await client.chat(msgs, max_tokens=1)
+    killed = True
+    transport.calls.clear()
+    results = [await client.chat(msgs, max_tokens=1) for _ in range(200)]
+    assert all(r.replica_id != "r2" for r in results)
+    # At most the one call that discovered the death touched r2 (and was retried elsewhere).
+    assert transport.addresses().count("10.0.0.2:8000") <= 1
+    assert client.stats()["r2"].dead
+    snap = client.accounting.snapshot()
+    assert snap["calls_failed"] == {}
+
+
+async def test_retry_after_holds_a_rejecting_replica_out(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1), _ep(2))
+    full = lambda u, p: TransportResponse(429, b'{"error": "full"}', {"retry-after": "30"})  # noqa: E731
+    transport = FakeTransport({"10.0.0.1:8000": full})
+    client = await _client(cache, transport)
+    msgs = [{"role": "user", "content": "x"}]
+    results = [await client.chat(msgs, max_tokens=1) for _ in range(30)]
+    assert {r.replica_id for r in results} == {"r2"}
+    assert transport.addresses().count("10.0.0.1:8000") == 1  # rejected once, then held for 30 s
+    assert client.stats()["r1"].held_until > 0
+
+
+async def test_single_replica_retry_waits_its_retry_after(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1))
+    answers = iter([TransportResponse(429, b"slow down", {"retry-after": "0.2"}), _ok("after")])
+    transport = FakeTransport({"10.0.0.1:8000": lambda u, p: next(answers)})
+    client = await _client(cache, transport)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    res = await client.chat([{"role": "user", "content": "x"}], max_tokens=1)
+    assert res.text == "after" and res.attempts == 2
+    assert loop.time() - t0 >= 0.19
+
+
+async def test_slow_replica_is_routed_around(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, *(_ep(n) for n in range(1, 5)))
+
+    async def slow(url: str, payload: Mapping[str, Any]) -> TransportResponse:
+        await asyncio.sleep(0.05)
+        return _ok()
+
+    async def fast(url: str, payload: Mapping[str, Any]) -> TransportResponse:
+        await asyncio.sleep(0.002)
+        return _ok()
+
+    transport = FakeTransport({"10.0.0.1:8000": slow, **{f"10.0.0.{n}:8000": fast for n in (2, 3, 4)}})
+    client = await _client(cache, transport)
+    msgs = [{"role": "user", "content": "x"}]
+
+    async def worker() -> None:
+        for _ in range(15):
+            await client.chat(msgs, max_tokens=1)
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    counts = {rid: s.completed for rid, s in client.stats().items()}
+    assert sum(counts.values()) == 120
+    assert counts["r1"] < min(counts[r] for r in ("r2", "r3", "r4")) / 3, counts
+
+
+async def test_other_clients_load_seen_through_the_probe(mesh: Any) -> None:
+    disc, cache = mesh
+    transport = FakeTransport()
+    transport.probe_handlers["10.0.0.1:8000"] = lambda url: _metrics(30, 10)  # busy with others
+    client = await _client(cache, transport)
+    await _register(disc, cache, _ep(1), _ep(2))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    results = [await client.chat([{"role": "user", "content": "x"}], max_tokens=1) for _ in range(20)]
+    assert {r.replica_id for r in results} == {"r2"}
+    assert client.stats()["r1"].reported_waiting == 10
+
+
+async def test_stream_yields_events_measures_ttft_and_hides_usage_unless_asked(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1))
+    transport = FakeTransport()
+    client = await _client(cache, transport)
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    events = [e async for e in client.stream("/v1/chat/completions", body)]
+    assert [e["choices"][0]["delta"]["content"] for e in events] == ["hi", " there"]
+    sent = transport.calls[0][1]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    body["stream_options"] = {"include_usage": True}
+    events = [e async for e in client.stream("/v1/chat/completions", body)]
+    assert events[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 2}
+    acc = client.accounting.snapshot()["replicas"][0]
+    assert acc["ok"] == 2 and acc["completion_tokens"] == 4 and acc["ttft_s"]["count"] == 2
+
+
+async def test_chat_with_measure_ttft_streams_internally(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1))
+    client = await _client(cache, FakeTransport(), measure_ttft=True)
+    res = await client.chat([{"role": "user", "content": "x"}], max_tokens=4)
+    assert (res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens) == (
+        "hi there",
+        "stop",
+        5,
+        2,
+    )
+    assert res.ttft_s is not None and 0 <= res.ttft_s <= res.latency_s
+    assert res.replica_id == "r1"
+
+
+async def test_stream_retries_before_the_first_event_only(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1), _ep(2))
+    transport = FakeTransport()
+    transport.stream_handlers["10.0.0.1:8000"] = lambda u, p: TransportResponse(503, b"busy")
+    client = await _client(cache, transport, rng=random.Random(1))
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    for _ in range(5):
+        events = [e async for e in client.stream("/v1/chat/completions", body)]
+        assert len(events) == 2  # went to r2 (possibly after r1 answered 503)
+    broken = _sse_chat(["a", "b"])
+    broken._lines.insert(2, TransportError("connection reset"))
+    transport.stream_handlers["10.0.0.2:8000"] = lambda u, p: broken
+    transport.stream_handlers["10.0.0.1:8000"] = lambda u, p: broken
+    got: list[dict[str, Any]] = []
+    with pytest.raises(LlmError, match="broke after it started"):
+        async for e in client.stream("/v1/chat/completions", body):
+            got.append(e)
+    assert len(got) == 1  # what arrived before the break was passed on; no silent retry
+
+
+async def test_request_error_carries_status_and_body(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1))
+    transport = FakeTransport({"10.0.0.1:8000": lambda u, p: TransportResponse(422, b'{"error": "bad"}')})
+    client = await _client(cache, transport)
+    with pytest.raises(LlmRequestError) as info:
+        await client.send("/v1/chat/completions", {"messages": []})
+    assert info.value.status == 422 and info.value.body == b'{"error": "bad"}'
+    assert client.accounting.snapshot()["replicas"][0]["errors"] == {"refused": 1}
+
+
+async def test_accounting_counts_tokens_latency_and_errors_per_replica(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1), _ep(2))
+    transport = FakeTransport({"10.0.0.1:8000": lambda u, p: TransportResponse(500, b"oops")})
+    client = await _client(cache, transport)
+    for _ in range(6):
+        await client.chat([{"role": "user", "content": "x"}], max_tokens=1)
+    rows = {r["replica"]: r for r in client.accounting.snapshot()["replicas"]}
+    assert (
+        rows["r2"]["ok"] == 6 and rows["r2"]["prompt_tokens"] == 30 and rows["r2"]["completion_tokens"] == 12
+    )
+    assert rows["r2"]["latency_s"]["count"] == 6
+    assert rows["r1"]["ok"] == 0 and rows["r1"]["errors"].get("server_error", 0) >= 1
+    text = client.accounting.prometheus_text()
+    assert f'agentmesh_llm_tokens_total{{model="{MODEL}",replica="r2",direction="out"}} 12' in text
+    assert 'agentmesh_llm_errors_total{model="Org/Tiny-Model",replica="r1",kind="server_error"}' in text
+
+
+async def test_random_policy_is_available_for_baselines(mesh: Any) -> None:
+    disc, cache = mesh
+    await _register(disc, cache, _ep(1), _ep(2))
+    client = await _client(cache, FakeTransport(), policy="random")
+    assert client.policy == "random"
+    ids = [
+        (await client.chat([{"role": "user", "content": "x"}], max_tokens=1)).replica_id for _ in range(40)
+    ]
+    assert set(ids) == {"r1", "r2"}
+
+
+async def test_close_removes_the_listener(mesh: Any) -> None:
+    disc, cache = mesh
+    client = await _client(cache, FakeTransport())
+    await client.close()
+    await _register(disc, cache, _ep(1))
+    assert client.stats() == {}
