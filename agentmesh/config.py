@@ -44,6 +44,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from agentmesh.errors import ConfigError
 
 __all__ = [
+    "EXTERNAL_LLM_BACKENDS",
     "LLM_BACKENDS",
     "OUTPUT_FORMATS",
     "PROGRAM_KINDS",
@@ -67,7 +68,9 @@ __all__ = [
 
 SINK = "sink"
 """Reserved role name: where a routing program ends."""
-LLM_BACKENDS = ("vllm-cpu", "simulator", "openai-compatible")
+LLM_BACKENDS = ("vllm-cpu", "simulator", "openai-compatible", "openai", "azure", "gemini")
+EXTERNAL_LLM_BACKENDS = ("openai-compatible", "openai", "azure", "gemini")
+"""Backends that are an API somewhere (``base_url``), not replicas agentmesh starts."""
 PROGRAM_KINDS = ("sequential", "loop_until", "state_machine")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 
@@ -134,22 +137,41 @@ class LlmConfig:
     name: str = field(metadata=_FROM_KEY)
     """Its key under ``llms``."""
     backend: str = field(metadata=_meta(choices=LLM_BACKENDS))
-    """``vllm-cpu``, ``simulator`` (the vLLM-compatible simulator) or ``openai-compatible``."""
+    """``vllm-cpu``, ``simulator`` (the vLLM-compatible simulator), or an external API:
+    ``openai-compatible`` (any OpenAI-compatible server at ``base_url``), ``openai``, ``azure``
+    (Azure OpenAI) or ``gemini`` (Gemini's OpenAI-compatible endpoint)."""
     model: str = "smollm2-135m-instruct"
     """Model name the backend serves (and that requests ask for)."""
     replicas: int = field(default=1, metadata=_meta(ge=1))
-    """Number of server replicas to start (not used by ``openai-compatible``)."""
+    """Number of server replicas to start (not used by the external backends)."""
     max_num_seqs: int = field(default=16, metadata=_meta(ge=1))
     """Most sequences one replica batches at once."""
     simulator_profile: str | None = None
     """Latency profile of the simulator (``simulator`` backend)."""
-    base_url: str | None = None
-    """Endpoint of an ``openai-compatible`` backend, e.g. ``https://api.example.com/v1``."""
+    base_url: str | None = field(
+        default=None,
+        metadata=_meta(pattern=r"^https?://[^/\s]+[^\s]*$", expected="an http:// or https:// URL"),
+    )
+    """API root of an external backend: required for ``openai-compatible`` (e.g.
+    ``http://host:8000/v1``; a URL without a path gets ``/v1``) and ``azure`` (the resource endpoint,
+    ``https://NAME.openai.azure.com``); optional for ``openai`` and ``gemini`` (their public APIs)."""
     api_key_env: str | None = field(
         default=None,
         metadata=_meta(pattern=_ENV_NAME, expected="the NAME of an environment variable (never the key)"),
     )
-    """Name of the environment variable that holds the API key; never the key itself."""
+    """Name of the environment variable that holds the API key; never the key itself. Defaults:
+    ``OPENAI_API_KEY`` (openai), ``AZURE_OPENAI_API_KEY`` (azure), ``GEMINI_API_KEY`` (gemini);
+    ``openai-compatible`` sends no key unless this is set."""
+    deployment: str | None = field(
+        default=None,
+        metadata=_meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", expected="an Azure deployment name"),
+    )
+    """Azure OpenAI deployment name (``azure`` backend only; required there)."""
+    api_version: str | None = field(
+        default=None,
+        metadata=_meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", expected="an api-version such as 2024-10-21"),
+    )
+    """Azure OpenAI ``api-version`` query value (``azure`` backend only; required there)."""
     num_cpus: float = field(default=0.1, metadata=_meta(ge=0))
     """Ray CPUs reserved per replica actor."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -640,11 +662,21 @@ def _cross_check(cfg: RunConfig, raw: Mapping[str, Any], ctx: _Context) -> None:
             known = ", ".join(sorted(cfg.llms)) or "none defined"
             raise ctx.error(f"roles.{name}.llm", f"expected a key of llms ({known}), got {role.llm!r}")
     for name, llm in cfg.llms.items():
-        if llm.backend == "openai-compatible" and not llm.base_url:
-            raise ctx.error(
-                f"llms.{name}.base_url",
-                "expected a URL for the openai-compatible backend (required), got nothing",
-            )
+        required = {"openai-compatible": ("base_url",), "azure": ("base_url", "deployment", "api_version")}
+        for key in required.get(llm.backend, ()):
+            if not getattr(llm, key):
+                what = {"base_url": "a URL", "deployment": "a deployment name"}.get(key, f"an {key}")
+                raise ctx.error(
+                    f"llms.{name}.{key}",
+                    f"expected {what} for the {llm.backend} backend (required), got nothing",
+                )
+        for key in ("deployment", "api_version"):
+            if getattr(llm, key) is not None and llm.backend != "azure":
+                raise ctx.error(
+                    f"llms.{name}.{key}",
+                    f"expected no {key} for the {llm.backend} backend (it is for azure only), "
+                    f"got {getattr(llm, key)!r}",
+                )
 
     routing = cfg.routing
     if routing.program not in routing.programs:

@@ -135,28 +135,68 @@ def _start_llms(cfg: RunConfig, discovery_url: str, say: Callable[[str], None]) 
 
 
 async def _register_external_llms(cfg: RunConfig, discovery: Any) -> list[Any]:
-    """Put OpenAI-compatible servers named by ``base_url`` in discovery, so roles find them."""
+    """Put the external APIs the roles call (OpenAI-compatible servers, OpenAI, Azure OpenAI,
+    Gemini) in discovery, so the roles' LLM clients find them like any replica.
+
+    The endpoint carries what :mod:`agentmesh.llm_gateway.providers` needs to address the API: the
+    provider, ``base_url``, the *name* of the key's environment variable, Azure's deployment and
+    api-version, and ``probe=none``. Never the key: each process reads it from its own environment
+    when it sends a request. The variable must be set here already (a clear error now beats every
+    request failing later).
+    """
     from urllib.parse import urlsplit
 
     from agentmesh.discovery import Endpoint
     from agentmesh.llm_gateway.client import llm_service_name
+    from agentmesh.llm_gateway.providers import PROVIDERS
 
     registrations = []
     for name in _used_llms(cfg):
         llm = cfg.llms[name]
         if llm.backend in ACTOR_BACKENDS:
             continue
-        if not llm.base_url:
-            raise ConfigError(
-                f"backend {llm.backend!r} needs base_url", file=cfg.source_file, key=f"llms.{name}.base_url"
-            )
-        url = urlsplit(llm.base_url)
-        ep = Endpoint(
-            llm_service_name(llm.model),
-            f"{name}-external",
-            url.netloc,
-            {"scheme": url.scheme or "http", "backend": llm.backend, "model": llm.model},
-        )
+        key = f"llms.{name}"
+        provider = "openai" if llm.backend == "openai-compatible" else llm.backend
+        meta: dict[str, str] = {
+            "provider": provider,
+            "backend": llm.backend,
+            "model": llm.model,
+            "probe": "none",
+        }
+        base_url = llm.base_url
+        if llm.backend == "openai-compatible":
+            if not base_url:
+                raise ConfigError(
+                    "backend 'openai-compatible' needs base_url", file=cfg.source_file, key=f"{key}.base_url"
+                )
+            if urlsplit(base_url).path in ("", "/"):
+                base_url = base_url.rstrip("/") + "/v1"  # a server root: OpenAI's API lives under /v1
+            if not llm.api_key_env:
+                meta["auth"] = "none"
+        if llm.backend == "azure":
+            for field_name in ("base_url", "deployment", "api_version"):
+                if not getattr(llm, field_name):
+                    raise ConfigError(
+                        f"backend 'azure' needs {field_name}", file=cfg.source_file, key=f"{key}.{field_name}"
+                    )
+            meta["deployment"] = str(llm.deployment)
+            meta["api_version"] = str(llm.api_version)
+        defaults = PROVIDERS[provider]
+        base_url = base_url or defaults.default_base_url or ""
+        meta["base_url"] = base_url
+        key_env = llm.api_key_env or (None if "auth" in meta else defaults.default_key_env)
+        if key_env:
+            meta["api_key_env"] = key_env
+            if not os.environ.get(key_env):
+                raise ConfigError(
+                    f"environment variable {key_env} is not set; it must hold the API key of the "
+                    f"{llm.backend} backend (set it in the environment, never in the config)",
+                    file=cfg.source_file,
+                    key=f"{key}.api_key_env",
+                )
+        url = urlsplit(base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        ep = Endpoint(llm_service_name(llm.model), f"{name}-external", f"{url.hostname}:{port}", meta)
         registrations.append(await discovery.register(ep, ttl_s=cfg.discovery.ttl_s))
     return registrations
 

