@@ -1,0 +1,503 @@
+"""A local cluster that outlives one command: a Ray head and an etcd, found through a record.
+
+``up`` starts a Ray head with ``ray start --head`` (every port picked free, a short temp dir of its
+own, loopback only; ``num_gpus`` may declare logical GPUs on a machine without any) and an etcd
+(:class:`~agentmesh.discovery.etcd_server.EtcdServer`, run by a small keeper process that stops it
+on SIGTERM). Both run in sessions of their own, detached from the command that started them. The
+rendezvous record ``$AGENTMESH_HOME/clusters/NAME.json`` says where they are (Ray address,
+discovery URL, pids, temp dir), so that a later command can find them.
+
+``down`` stops only what the record names: every process of the Ray head's session and their
+descendants (a vLLM server an actor started runs in a session of its own), then the etcd keeper's
+session; then it removes the temp dir and the record. It never runs ``ray stop``, which would stop
+every Ray on the machine.
+
+Many clusters can be up side by side under different names: nothing is shared but the machine.
+Slurm clusters (issue 5) are to build on the same record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentmesh.errors import AgentMeshError, ConfigError
+
+__all__ = [
+    "DEFAULT_CLUSTER",
+    "ClusterError",
+    "ClusterRecord",
+    "ClusterStatus",
+    "NoClusterError",
+    "cluster_down",
+    "cluster_status",
+    "cluster_up",
+    "clusters_dir",
+    "load_record",
+    "process_alive",
+    "resolve_cluster",
+]
+
+DEFAULT_CLUSTER = "default"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+_RAY_START_TIMEOUT_S = 60.0
+_ETCD_START_TIMEOUT_S = 30.0
+_TERM_GRACE_S = 3.0  # gcs_server ignores SIGTERM for longer than anyone wants to wait
+
+
+class ClusterError(AgentMeshError):
+    """A cluster could not be started, found or stopped."""
+
+
+class NoClusterError(ClusterError):
+    """No record of the named cluster: nothing was started under that name (or it is down)."""
+
+
+def clusters_dir() -> Path:
+    """Where rendezvous records live: ``$AGENTMESH_HOME/clusters``."""
+    from agentmesh.llm_gateway.constants import agentmesh_home
+
+    return agentmesh_home() / "clusters"
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"expected 1-40 letters, digits, '_', '-' or '.' (starting with a letter or digit), got {name!r}",
+            key="name",
+        )
+    return name
+
+
+@dataclass
+class ClusterRecord:
+    """The rendezvous record of one local cluster (``clusters/NAME.json``)."""
+
+    name: str
+    ray_address: str
+    discovery_url: str
+    temp_dir: str
+    ray_session: int
+    """Session id of the Ray head's processes (the pid of the ``ray start`` that led it)."""
+    ray_pids: list[int]
+    etcd_pid: int
+    etcd_keeper_pid: int
+    num_cpus: int
+    num_gpus: int
+    ports: dict[str, int] = field(default_factory=dict)
+    created_at: float = 0.0
+    kind: str = "local"
+
+    @property
+    def path(self) -> Path:
+        return clusters_dir() / f"{self.name}.json"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ClusterRecord:
+        data = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def all_pids(self) -> list[int]:
+        return sorted({*self.ray_pids, self.etcd_pid, self.etcd_keeper_pid})
+
+
+def load_record(name: str = DEFAULT_CLUSTER) -> ClusterRecord:
+    """The record of cluster ``name``; :class:`NoClusterError` if there is none."""
+    path = clusters_dir() / f"{_check_name(name)}.json"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise NoClusterError(
+            f"no cluster {name!r}: start one with `agentmesh cluster up"
+            + ("" if name == DEFAULT_CLUSTER else f" --name {name}")
+            + "`"
+        ) from None
+    try:
+        return ClusterRecord.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"the record {path} is damaged ({exc}); remove it by hand") from None
+
+
+def resolve_cluster(
+    name: str = DEFAULT_CLUSTER, *, ray_address: str | None = None, discovery_url: str | None = None
+) -> tuple[str, str]:
+    """``(ray_address, discovery_url)``: the flags where both are given, else from the record."""
+    if ray_address and discovery_url:
+        return ray_address, discovery_url
+    record = load_record(name)
+    return ray_address or record.ray_address, discovery_url or record.discovery_url
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, ppid, session id)`` of a live process, None if there is none (or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    state = fields[0]
+    if state in ("Z", "X"):
+        return None
+    return state, int(fields[1]), int(fields[3])
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, waiting to be reaped, counts as gone)."""
+    return _stat(pid) is not None
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def _session_tree(session: int) -> list[int]:
+    """Live processes of ``session`` and all their descendants, whatever their session."""
+    stats = {pid: st for pid in _all_pids() if (st := _stat(pid)) is not None}
+    found = {pid for pid, (_s, _pp, sid) in stats.items() if sid == session}
+    grew = True
+    while grew:
+        children = {pid for pid, (_s, ppid, _sid) in stats.items() if ppid in found and pid not in found}
+        found |= children
+        grew = bool(children)
+    return sorted(found)
+
+
+def _kill_tree(session: int, *, grace_s: float = _TERM_GRACE_S) -> list[int]:
+    """SIGTERM the session's tree, SIGKILL what is left after ``grace_s``; return what survived."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = _session_tree(session)
+        if not pids:
+            return []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
+            time.sleep(0.05)
+    return [p for p in _session_tree(session) if process_alive(p)]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int, timeout_s: float = 1.0) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=timeout_s):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _name_lock(name: str) -> Iterator[None]:
+    # Two `up`s (or an `up` and a `down`) of one name at once must not interleave.
+    directory = clusters_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- Ray head --------------------------------------------------------------------------------------
+
+_RAY_PORT_FLAGS = (
+    "--port",
+    "--ray-client-server-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--metrics-export-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+)
+
+
+def _ray_env(temp_dir: Path) -> dict[str, str]:
+    from agentmesh.launcher import RAY_ENV
+
+    # TMPDIR too: parts of Ray put files there whatever --temp-dir says.
+    return {**os.environ, **RAY_ENV, "TMPDIR": str(temp_dir)}
+
+
+def _start_ray_head(temp_dir: Path, num_cpus: int, num_gpus: int) -> tuple[int, dict[str, int], list[int]]:
+    """``ray start --head`` in a session of its own: (session id, ports, pids). Retries on port clashes."""
+    ray_tmp = temp_dir / "ray"
+    log_path = temp_dir / "ray-start.log"
+    last = ""
+    for _attempt in range(3):
+        ports = {flag.lstrip("-").replace("-", "_"): _free_port() for flag in _RAY_PORT_FLAGS}
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            "--node-ip-address", "127.0.0.1",
+            "--temp-dir", str(ray_tmp),
+            "--num-cpus", str(num_cpus),
+            "--num-gpus", str(num_gpus),
+            "--include-dashboard", "false",
+            "--disable-usage-stats",
+            # 0/0: workers bind ports the OS picks, so clusters side by side never compete for a range.
+            "--min-worker-port", "0", "--max-worker-port", "0",
+        ]  # fmt: skip
+        for flag in _RAY_PORT_FLAGS:
+            cmd += [flag, str(ports[flag.lstrip("-").replace("-", "_")])]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_ray_env(temp_dir),
+                cwd=str(temp_dir),
+                start_new_session=True,  # its session id names every process of this Ray
+            )
+        try:
+            code = proc.wait(_RAY_START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        session = proc.pid
+        if code == 0 and _port_open(ports["port"]):
+            return session, ports, _session_tree(session)
+        _kill_tree(session, grace_s=1.0)
+        last = f"`ray start` {'timed out' if code is None else f'exited with code {code}'}"
+        if code is None or code == 2:  # a hang or a usage error: other ports will not help
+            break
+    tail = log_path.read_text(errors="replace").splitlines()[-20:] if log_path.exists() else []
+    raise ClusterError(f"could not start the Ray head: {last}; log {log_path}:\n" + "\n".join(tail))
+
+
+# -- etcd keeper -----------------------------------------------------------------------------------
+
+
+def _run_etcd_keeper(data_dir: str, ready_file: str) -> int:
+    """The detached process that owns the cluster's etcd: start it, report, stop it on SIGTERM."""
+    from agentmesh.discovery.etcd_server import EtcdServer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    server = EtcdServer(Path(data_dir))
+    server.start()
+    tmp = Path(ready_file + ".tmp")
+    tmp.write_text(json.dumps({"url": server.url, "pid": server.pid}))
+    tmp.rename(ready_file)
+    try:
+        while not stop.wait(1.0):
+            if server.pid is None or not process_alive(server.pid):
+                print("etcd exited; the keeper exits too", file=sys.stderr, flush=True)
+                return 1
+    finally:
+        server.stop()
+    return 0
+
+
+def _start_etcd(temp_dir: Path) -> tuple[str, int, int]:
+    """Start the etcd keeper in a session of its own; return (discovery url, etcd pid, keeper pid)."""
+    ready = temp_dir / "etcd.ready"
+    log_path = temp_dir / "etcd-keeper.log"
+    with open(log_path, "ab") as log:
+        keeper = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentmesh.cluster.local",
+                "etcd-keeper",
+                str(temp_dir / "etcd"),
+                str(ready),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(temp_dir),
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + _ETCD_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready.exists():
+            info = json.loads(ready.read_text())
+            return str(info["url"]), int(info["pid"]), keeper.pid
+        if keeper.poll() is not None:
+            break
+        time.sleep(0.05)
+    _kill_tree(keeper.pid, grace_s=1.0)
+    tail = log_path.read_text(errors="replace").splitlines()[-20:]
+    raise ClusterError(f"could not start etcd; log {log_path}:\n" + "\n".join(tail))
+
+
+# -- up / status / down ----------------------------------------------------------------------------
+
+
+def cluster_up(
+    name: str = DEFAULT_CLUSTER,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int = 0,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> ClusterRecord:
+    """Start a local cluster named ``name`` and write its record. Raises if it is already up.
+
+    A record whose processes are all gone (the machine rebooted, someone killed them) is replaced.
+    """
+    _check_name(name)
+    if num_gpus < 0:
+        raise ConfigError(f"expected >= 0, got {num_gpus}", key="num_gpus")
+    cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 2)
+    if cpus < 1:
+        raise ConfigError(f"expected >= 1, got {num_cpus}", key="num_cpus")
+    with _name_lock(name):
+        with contextlib.suppress(NoClusterError):
+            old = load_record(name)
+            if any(process_alive(p) for p in old.all_pids()):
+                raise ClusterError(
+                    f"cluster {name!r} is already up (ray {old.ray_address}, discovery {old.discovery_url}); "
+                    f"`agentmesh cluster down{'' if name == DEFAULT_CLUSTER else ' --name ' + name}` first"
+                )
+            say(f"cluster {name!r}: its record names no live process; replacing it")
+            _remove_files(old)
+        # Short: Ray's socket paths under it must stay within the 107-byte limit of a unix socket.
+        temp_dir = Path(tempfile.mkdtemp(prefix=f"am-{name[:12]}-", dir="/tmp"))
+        t0 = time.monotonic()
+        try:
+            session, ports, ray_pids = _start_ray_head(temp_dir, cpus, num_gpus)
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        say(
+            f"ray head on 127.0.0.1:{ports['port']} ({cpus} CPUs, {num_gpus} GPUs)"
+            f" in {time.monotonic() - t0:.1f}s"
+        )
+        try:
+            t0 = time.monotonic()
+            discovery_url, etcd_pid, keeper_pid = _start_etcd(temp_dir)
+            say(f"etcd at {discovery_url} in {time.monotonic() - t0:.1f}s")
+            record = ClusterRecord(
+                name=name,
+                ray_address=f"127.0.0.1:{ports['port']}",
+                discovery_url=discovery_url,
+                temp_dir=str(temp_dir),
+                ray_session=session,
+                ray_pids=ray_pids,
+                etcd_pid=etcd_pid,
+                etcd_keeper_pid=keeper_pid,
+                num_cpus=cpus,
+                num_gpus=num_gpus,
+                ports=ports,
+                created_at=time.time(),
+            )
+            tmp = record.path.with_suffix(".json.tmp")
+            tmp.write_text(record.to_json())
+            tmp.rename(record.path)
+        except BaseException:
+            _kill_tree(session, grace_s=1.0)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+    return record
+
+
+@dataclass
+class ClusterStatus:
+    """What ``cluster status`` reports."""
+
+    record: ClusterRecord
+    ray_up: bool
+    etcd_up: bool
+    live_pids: list[int]
+
+    @property
+    def healthy(self) -> bool:
+        return self.ray_up and self.etcd_up
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self.record),
+            "ray_up": self.ray_up,
+            "etcd_up": self.etcd_up,
+            "live_pids": self.live_pids,
+        }
+
+
+def _etcd_healthy(discovery_url: str) -> bool:
+    endpoint = discovery_url.partition("://")[2].split(",")[0]
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2.0) as resp:
+            return str(json.loads(resp.read() or b"{}").get("health")) == "true"
+    except (OSError, ValueError):
+        return False
+
+
+def cluster_status(name: str = DEFAULT_CLUSTER) -> ClusterStatus:
+    """Whether the named cluster's Ray head and etcd answer, and which of its processes live."""
+    record = load_record(name)
+    live = _session_tree(record.ray_session)
+    gcs_port = int(record.ray_address.rsplit(":", 1)[1])
+    ray_up = bool(live) and _port_open(gcs_port)
+    etcd_up = process_alive(record.etcd_pid) and _etcd_healthy(record.discovery_url)
+    live += [p for p in (record.etcd_keeper_pid, record.etcd_pid) if process_alive(p)]
+    return ClusterStatus(record, ray_up, etcd_up, sorted(set(live)))
+
+
+def _remove_files(record: ClusterRecord) -> None:
+    shutil.rmtree(record.temp_dir, ignore_errors=True)
+    record.path.unlink(missing_ok=True)
+
+
+def cluster_down(
+    name: str = DEFAULT_CLUSTER, *, say: Callable[[str], None] = lambda _msg: None
+) -> ClusterRecord:
+    """Stop every process of the named cluster, remove its temp dir and record; return the record.
+
+    Raises :class:`ClusterError` (keeping the record) if a process survives SIGKILL.
+    """
+    with _name_lock(name):
+        record = load_record(name)
+        t0 = time.monotonic()
+        survivors = _kill_tree(record.ray_session)
+        # The keeper stops etcd on SIGTERM; its session is swept after that anyway.
+        survivors += _kill_tree(record.etcd_keeper_pid)
+        survivors += [p for p in record.all_pids() if process_alive(p) and p not in survivors]
+        if survivors:
+            raise ClusterError(f"cluster {name!r}: processes {survivors} survived SIGKILL; record kept")
+        _remove_files(record)
+        say(f"cluster {name!r} down in {time.monotonic() - t0:.1f}s")
+    return record
+
+
+def _main(argv: list[str]) -> int:
+    # Internal entry point: `python -m agentmesh.cluster.local etcd-keeper DATA_DIR READY_FILE`.
+    if len(argv) == 3 and argv[0] == "etcd-keeper":
+        return _run_etcd_keeper(argv[1], argv[2])
+    print("usage: python -m agentmesh.cluster.local etcd-keeper DATA_DIR READY_FILE", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
