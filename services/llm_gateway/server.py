@@ -403,6 +403,10 @@ class GatewayServer:
         self._discovery_arg = discovery
         self._discovery: Discovery | None = None
         self._cache: EndpointCache | None = None
+        if not isinstance(discovery, str):
+            # Usable without start() as well: the shared logic (call, call_stream) needs no sockets.
+            self._discovery = discovery
+            self._cache = EndpointCache(discovery)
         self.http_host = http_host
         self.http_port = http_port
         self.grpc_host = grpc_host if grpc_host is not None else http_host
@@ -455,11 +459,10 @@ class GatewayServer:
         if self._runner is not None:
             return
         try:
-            if isinstance(self._discovery_arg, str):
-                self._discovery = connect(self._discovery_arg)
-            else:
-                self._discovery = self._discovery_arg
-            self._cache = EndpointCache(self._discovery)
+            if self._discovery is None:
+                self._discovery = connect(str(self._discovery_arg))
+            if self._cache is None:
+                self._cache = EndpointCache(self._discovery)
             await self._start_http()
             await self._start_grpc()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
