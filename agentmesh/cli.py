@@ -15,6 +15,7 @@ import time
 
 from agentmesh import __version__
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.llm_cli import add_cluster_commands, add_llm_commands
 
 __all__ = ["main"]
 
@@ -124,7 +125,31 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         + f" ({p.tokens_per_s:.1f} tok/s); records in {cfg.output.dir}",
         flush=True,
     )
+    if not ns.quiet:
+        for row in p.llm:
+            print(_llm_line(row), file=sys.stderr, flush=True)
     return 1 if p.failed else 0
+
+
+def _llm_line(row: dict[str, object]) -> str:
+    """One line per model and LLM replica for the end of a run."""
+
+    def sec(key: str) -> str:
+        v = row.get(key)
+        return "-" if not isinstance(v, int | float) else (f"<= {v:g}s" if "p50" in key else f"{v:.3f}s")
+
+    errors = row.get("errors_by_kind") or {}
+    err_text = f"{row['errors']} errors" + (
+        f" ({', '.join(f'{k}: {v}' for k, v in sorted(errors.items()))})"
+        if isinstance(errors, dict) and errors
+        else ""
+    )
+    return (
+        f"agentmesh:   llm {row['model']} @ {row['replica']}: {row['requests']} requests, {err_text}, "
+        f"{row['prompt_tokens']} in + {row['completion_tokens']} out tokens, "
+        f"latency mean {sec('latency_mean_s')} p50 {sec('latency_p50_s')}, "
+        f"TTFT mean {sec('ttft_mean_s')} p50 {sec('ttft_p50_s')}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary line")
     run.set_defaults(func=_cmd_run)
+    add_llm_commands(sub)
+    add_cluster_commands(sub)
     return parser
 
 

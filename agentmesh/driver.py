@@ -61,6 +61,8 @@ class RunProgress:
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
     failures_by_code: dict[str, int] = field(default_factory=dict)
+    llm: list[dict[str, Any]] = field(default_factory=list)
+    """Per model and replica: LLM requests, errors, tokens, latency and TTFT (filled at the end)."""
 
     @property
     def finished(self) -> int:

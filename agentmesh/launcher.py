@@ -311,6 +311,7 @@ def run_pipeline(
             )
         )
         progress.resumed = len(done)
+        progress.llm = _llm_summary(role_actors, progress.elapsed_s)
         _write_summary(out_dir, run_id, progress)
         return progress
     raise AssertionError("unreachable")  # pragma: no cover
@@ -395,6 +396,21 @@ def _kill_all(actors: dict[str, list[Any]]) -> None:
                 ray.kill(a, no_restart=True)
 
 
+def _llm_summary(role_actors: dict[str, list[Any]], elapsed_s: float) -> list[dict[str, Any]]:
+    """Every role replica's LLM accounting, added up per model and LLM replica."""
+    import ray
+
+    from agentmesh.llm_gateway.accounting import merge_snapshots, summarize
+
+    refs = [a.llm_accounting.remote() for actors in role_actors.values() for a in actors]
+    try:
+        snaps = ray.get(refs, timeout=30)
+    except Exception as exc:  # a summary is not worth failing a finished run for
+        log.warning("could not collect LLM accounting from the role replicas: %s", exc)
+        return []
+    return summarize(merge_snapshots(s for s in snaps if s), wall_s=elapsed_s)
+
+
 def _write_summary(out_dir: Path, run_id: str, p: RunProgress) -> None:
     summary = {
         "run_id": run_id,
@@ -410,5 +426,6 @@ def _write_summary(out_dir: Path, run_id: str, p: RunProgress) -> None:
         "elapsed_s": round(p.elapsed_s, 3),
         "tokens_per_s": round(p.tokens_per_s, 2),
         "completion_tokens_per_s": round(p.completion_tokens_per_s, 2),
+        "llm": p.llm,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

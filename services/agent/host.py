@@ -30,6 +30,7 @@ class ReplicaHost:
         self._run = run
         self._role_name = role_name
         self._index = index
+        self._llm: Any = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="agentmesh-replica", daemon=True)
         self._thread.start()
@@ -65,8 +66,10 @@ class ReplicaHost:
         llm = None
         if role.llm is not None:
             from agentmesh.llm_gateway.client import LlmClient
+            from agentmesh.llm_gateway.constants import LLM_MEASURE_TTFT
 
-            llm = LlmClient(cfg.llms[role.llm].model, cache)
+            llm = LlmClient(cfg.llms[role.llm].model, cache, measure_ttft=LLM_MEASURE_TTFT)
+        self._llm = llm
         limits = cfg.limits
         self.replica = AgentReplica(
             role_name=self._role_name,
@@ -121,6 +124,10 @@ class ReplicaHost:
 
     def stats(self) -> dict[str, int]:
         return dict(self.replica.stats)
+
+    def llm_accounting(self) -> dict[str, Any] | None:
+        """This replica's LLM accounting snapshot (None for roles without an LLM)."""
+        return None if self._llm is None else self._llm.accounting.snapshot()
 
     def drain(self, grace_s: float = 30.0) -> None:
         asyncio.run_coroutine_threadsafe(self.replica.drain(grace_s), self._loop).result(timeout=grace_s + 10)

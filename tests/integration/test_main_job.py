@@ -43,6 +43,14 @@ def test_main_job_produces_debates_from_the_real_cpu_model(tmp_path: Path) -> No
     assert len(records) >= 20 and max(ids.values()) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == len(records) and summary["failed"] == 0
+    # LLM accounting, per replica: the same tokens the records carry, TTFT from the real model
+    llm = summary["llm"]
+    assert llm and all(row["model"] == "smollm2-135m-instruct" and row["errors"] == 0 for row in llm)
+    # >=: a step retried after its LLM call was made counts that call once more in the accounting
+    assert sum(row["completion_tokens"] for row in llm) >= summary["completion_tokens"] > 0
+    for row in llm:
+        assert row["ttft_mean_s"] is not None and 0 < row["ttft_mean_s"] < row["latency_mean_s"]
+    assert "agentmesh:   llm smollm2-135m-instruct @ " in proc.stderr
     for r in records:
         assert r["status"] == "done"
         roles = [h["role"] for h in r["history"]]
