@@ -1,0 +1,108 @@
+"""Pure pieces of bench/gateway.py: the nginx config it writes, imbalance and utilisation."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def gw() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # gateway.py imports its sibling _common
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gateway", BENCH / "gateway.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while being built
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_imbalance_is_max_over_mean_per_sample_and_skips_idle_samples(gw: ModuleType) -> None:
+    samples = [[10, 10, 10, 10], [20, 10, 0, 10], [0, 0, 0, 0], []]
+    assert gw.imbalance(samples) == [1.0, 2.0]
+
+
+def test_utilisation_is_slot_seconds_used_over_available(gw: ModuleType) -> None:
+    before = [
+        {"slot_busy_s": 0.0, "uptime_s": 10.0, "max_num_seqs": 4},
+        {"slot_busy_s": 5.0, "uptime_s": 10.0, "max_num_seqs": 4},
+    ]
+    # Replica 0 ran a full batch for the 2 s; replica 1 half of it.
+    after = [
+        {"slot_busy_s": 8.0, "uptime_s": 12.0, "max_num_seqs": 4},
+        {"slot_busy_s": 9.0, "uptime_s": 12.0, "max_num_seqs": 4},
+    ]
+    assert gw.utilisation(before, after) == pytest.approx(12.0 / 16.0)
+
+
+def test_output_lengths_average_to_the_requested_mean(gw: ModuleType) -> None:
+    lo, hi = gw.output_range(128)
+    assert (lo, hi) == (64, 192) and (lo + hi) / 2 == 128
+    assert gw.output_range(1) == (1, 2)
+
+
+def _conf(gw: ModuleType, tmp_path: Path, workers: int = 1) -> str:
+    text: str = gw.nginx_conf(
+        upstreams=["127.0.0.1:4001", "127.0.0.1:4002"],
+        port=4100,
+        workdir=tmp_path,
+        workers=workers,
+        keepalive=64,
+        worker_connections=2048,
+    )
+    return text
+
+
+def test_nginx_conf_is_least_conn_with_keepalive_and_private_paths(gw: ModuleType, tmp_path: Path) -> None:
+    text = _conf(gw, tmp_path, workers=2)
+    for line in (
+        "worker_processes 2;",
+        "daemon off;",
+        "least_conn;",
+        "zone replicas 1m;",
+        "server 127.0.0.1:4001 max_fails=0;",
+        "server 127.0.0.1:4002 max_fails=0;",
+        "keepalive 64;",
+        "listen 127.0.0.1:4100 backlog=4096;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        f"pid {tmp_path}/nginx.pid;",
+    ):
+        assert line in text
+    # Nothing outside the private directory is written (no /var/log, no /run).
+    assert "/var/" not in text and "/run/" not in text
+
+
+def test_nginx_conf_rejects_an_empty_upstream_or_no_workers(gw: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="upstreams"):
+        gw.nginx_conf(upstreams=[], port=1, workdir=tmp_path, workers=1, keepalive=1, worker_connections=64)
+    with pytest.raises(ValueError, match="workers"):
+        gw.nginx_conf(
+            upstreams=["127.0.0.1:1"], port=1, workdir=tmp_path, workers=0, keepalive=1, worker_connections=64
+        )
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (apt-get install nginx)")
+def test_nginx_accepts_the_generated_conf(gw: ModuleType, tmp_path: Path) -> None:
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(_conf(gw, tmp_path))
+    nginx = shutil.which("nginx")
+    assert nginx is not None
+    proc = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert proc.returncode == 0, proc.stderr
