@@ -377,6 +377,36 @@ async def _drain_scenario(stack: Stack) -> None:
     assert stack.gateway.in_flight == 0
 
 
+async def test_caller_leaving_a_stream_frees_the_gateway_and_the_replica() -> None:
+    stack = await start_stack(n_replicas=1, step_base_s=0.05)  # 100 tokens would take ~5 s
+    try:
+        replica_url = stack.replicas[0].base_url
+        assert replica_url is not None
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                stack.gateway.http_url + "/v1/completions",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 100, "stream": True},
+            )
+            assert (await resp.content.readline()).startswith(b"data: {")
+            resp.close()  # the caller goes away mid-stream
+
+            async def replica_running() -> float:
+                async with http.get(replica_url + "/metrics") as m:
+                    text = await m.text()
+                return sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("vllm:num_requests_running")
+                )
+
+            deadline = time.monotonic() + 3  # well under the ~5 s the stream would have run
+            while stack.gateway.in_flight or await replica_running():
+                assert time.monotonic() < deadline, "the abandoned stream is still running"
+                await asyncio.sleep(0.05)
+    finally:
+        await stack.close()
+
+
 def test_command_line_serves_and_drains_on_sigterm() -> None:
     proc = subprocess.Popen(
         [
