@@ -546,14 +546,19 @@ class LlmClient:
         *,
         session_id: str | None = None,
         timeout_s: float | None = None,
+        info: dict[str, Any] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Send an OpenAI request body with ``stream: true``; yield each event's JSON object.
 
         Retried on another replica only until the first event arrived. The replica is asked for
         usage (``stream_options.include_usage``) for the accounting; the usage-only event is
-        passed on only if the caller asked for it too.
+        passed on only if the caller asked for it too. ``info`` (optional) is filled in as the
+        stream goes: ``replica_id`` and ``ttft_s`` once the first event arrived, then ``attempts``
+        and ``usage`` at the end.
         """
-        return self._stream("llm.stream", path, dict(body), session_id, timeout_s, info={})
+        return self._stream(
+            "llm.stream", path, dict(body), session_id, timeout_s, info=info if info is not None else {}
+        )
 
     def stats(self) -> dict[str, ReplicaStats]:
         """What the client knows per replica, by replica id."""
@@ -834,6 +839,7 @@ class LlmClient:
                             if not started:
                                 started = True
                                 info["ttft_s"] = self._clock() - a0
+                                info["replica_id"] = ep.id
                             if isinstance(event.get("usage"), dict):
                                 usage = event["usage"]
                             if not caller_wants_usage and not event.get("choices") and event.get("usage"):

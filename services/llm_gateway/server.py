@@ -639,11 +639,18 @@ class GatewayServer:
         return reply.data, reply.replica_id
 
     async def call_stream(
-        self, kind: Kind, body: Any, *, session_id: str | None = None, timeout_s: float | None = None
+        self,
+        kind: Kind,
+        body: Any,
+        *,
+        session_id: str | None = None,
+        timeout_s: float | None = None,
+        info: dict[str, Any] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Like :meth:`call` with ``stream: true``: the events' JSON objects. The first is awaited
         here, so that a call that fails before anything was streamed raises :class:`GatewayError`
-        from this coroutine (and the caller can still answer with a status)."""
+        from this coroutine (and the caller can still answer with a status). ``info`` receives
+        ``replica_id`` once the first event is in (see :meth:`LlmClient.stream`)."""
         model, forward, body_session = validate_body(kind, body)
         forward["stream"] = True
         timeout = self._timeout(timeout_s)
@@ -651,7 +658,7 @@ class GatewayServer:
         try:
             client = await self._client(model)
             events = client.stream(
-                _PATHS[kind], forward, session_id=session_id or body_session, timeout_s=timeout
+                _PATHS[kind], forward, session_id=session_id or body_session, timeout_s=timeout, info=info
             )
             async with asyncio.timeout_at(deadline):
                 first = await anext(events)
@@ -757,9 +764,12 @@ class GatewayServer:
                 session_id = request.headers.get(_SESSION_HEADER) or None
                 timeout_s = _header_timeout(request)
                 if isinstance(body, dict) and body.get("stream") is True:
-                    events = await self.call_stream(kind, body, session_id=session_id, timeout_s=timeout_s)
+                    info: dict[str, Any] = {}
+                    events = await self.call_stream(
+                        kind, body, session_id=session_id, timeout_s=timeout_s, info=info
+                    )
                     status = "200"
-                    return await self._http_sse(request, events)
+                    return await self._http_sse(request, events, str(info.get("replica_id", "")))
                 data, replica_id = await self.call(kind, body, session_id=session_id, timeout_s=timeout_s)
                 status = "200"
                 return web.Response(
@@ -772,11 +782,12 @@ class GatewayServer:
             self.counts[("http", kind, status)] += 1
 
     async def _http_sse(
-        self, request: web.Request, events: AsyncIterator[dict[str, Any]]
+        self, request: web.Request, events: AsyncIterator[dict[str, Any]], replica_id: str = ""
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        if replica_id:
+            headers[_REPLICA_HEADER] = replica_id
+        resp = web.StreamResponse(status=200, headers=headers)
         await resp.prepare(request)
         try:
             async for event in events:
@@ -846,7 +857,10 @@ class GatewayServer:
         try:
             with self._admit():
                 body = grpc_request_body(kind, request)
-                events = await self.call_stream(kind, body, timeout_s=self._grpc_timeout(request, context))
+                info: dict[str, Any] = {}
+                events = await self.call_stream(
+                    kind, body, timeout_s=self._grpc_timeout(request, context), info=info
+                )
                 try:
                     async for event in events:
                         choice = _first_choice(event)
@@ -854,6 +868,7 @@ class GatewayServer:
                             text=_reply_text(kind, choice, delta=True),
                             finish_reason=str(choice.get("finish_reason") or ""),
                             usage=_usage(event),
+                            replica_id=str(info.get("replica_id", "")),
                             raw_json=_dumps(event),
                         )
                 finally:

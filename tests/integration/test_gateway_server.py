@@ -162,6 +162,7 @@ async def test_streaming_over_http_and_grpc(stack: Stack) -> None:
         )
     ]
     assert "".join(c.text for c in chunks) == full.choices[0].message.content
+    assert {c.replica_id for c in chunks} <= {"sim-0", "sim-1"} and chunks[0].replica_id
     assert [c.usage.completion_tokens for c in chunks if c.HasField("usage")] == [usage.completion_tokens]
 
     comp = [
@@ -183,6 +184,7 @@ async def test_sse_framing_ends_with_done(stack: Stack) -> None:
         ) as resp,
     ):
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["X-Agentmesh-Replica"] in {"sim-0", "sim-1"}
         text = await resp.text()
     events = text.split("\n\n")
     assert events[-1] == "" and all(e.startswith("data: ") for e in events[:-1])

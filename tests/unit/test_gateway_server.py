@@ -216,8 +216,11 @@ class FakeClient:
         *,
         session_id: str | None = None,
         timeout_s: float | None = None,
+        info: dict[str, Any] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         self.calls.append((path, dict(body), session_id, timeout_s))
+        if info is not None:
+            info["replica_id"] = "fake-0"
 
         async def gen() -> AsyncIterator[dict[str, Any]]:
             for ev in self.events:
