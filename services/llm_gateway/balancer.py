@@ -42,6 +42,7 @@ from agentmesh.discovery.base import Endpoint
 from agentmesh.errors import LlmError
 from agentmesh.llm_gateway.constants import (
     LLM_DEAD_REPROBE_S,
+    LLM_ENDPOINT_WAIT_S,
     LLM_LOAD_STALENESS_S,
     LLM_PROBE_TIMEOUT_MAX_S,
     LLM_PROBE_TIMEOUT_S,
@@ -144,6 +145,7 @@ class ReplicaBalancer:
         probe_timeout_s: float = LLM_PROBE_TIMEOUT_S,
         probe_timeout_max_s: float = LLM_PROBE_TIMEOUT_MAX_S,
         dead_reprobe_s: float = LLM_DEAD_REPROBE_S,
+        all_dead_wait_s: float = LLM_ENDPOINT_WAIT_S,
         probe: ProbeFn | None = None,
         can_probe: Callable[[Endpoint], bool] = lambda ep: True,
         rng: random.Random | None = None,
@@ -161,6 +163,7 @@ class ReplicaBalancer:
         self.probe_timeout_s = probe_timeout_s
         self.probe_timeout_max_s = probe_timeout_max_s
         self.dead_reprobe_s = dead_reprobe_s
+        self.all_dead_wait_s = all_dead_wait_s
         self._probe = probe
         self._can_probe = can_probe
         self._rng = rng if rng is not None else random.Random()
@@ -246,7 +249,8 @@ class ReplicaBalancer:
     ) -> ReplicaState:
         """Choose a replica and count the request in flight on it, waiting (in order of
         ``arrival``) while none can take it. Raises ``no_replica()`` when the membership is empty,
-        and an :class:`LlmError` with ``timed_out`` when ``deadline`` passes while waiting."""
+        an :class:`LlmError` when every replica has refused connections for ``all_dead_wait_s``,
+        and one with ``timed_out`` when ``deadline`` passes while waiting."""
         if not self._waiters:
             st = self.pick(tried, session_id)
             if st is not None:
@@ -254,6 +258,7 @@ class ReplicaBalancer:
                 return st
         waiter = _Waiter(arrival, next(self._seq), asyncio.Event())
         heapq.heappush(self._waiters, waiter)
+        all_dead_since: float | None = None
         try:
             while True:
                 if not self._states:
@@ -266,6 +271,17 @@ class ReplicaBalancer:
                         self._wake_head()
                         return st
                 now = self._clock()
+                if all(st.dead for st in self._order):
+                    # Every replica refuses connections: wait a while for one to come back (a
+                    # restart re-registers within seconds), not for the whole deadline.
+                    if all_dead_since is None:
+                        all_dead_since = now
+                    elif now - all_dead_since >= self.all_dead_wait_s:
+                        raise LlmError(
+                            f"all {len(self)} replicas refused connections for {self.all_dead_wait_s:g}s"
+                        )
+                else:
+                    all_dead_since = None
                 if now >= deadline:
                     err = LlmError(
                         f"no replica could take the request within its deadline ({len(self)} known)"

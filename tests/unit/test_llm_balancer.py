@@ -258,3 +258,15 @@ def test_bad_options_are_named() -> None:
         ReplicaBalancer(policy="roundrobin", clock=Clock())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_in_flight_per_replica"):
         ReplicaBalancer(max_in_flight_per_replica=0, clock=Clock())
+
+
+async def test_all_replicas_dead_fails_after_a_short_wait_not_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    bal = ReplicaBalancer(all_dead_wait_s=0.1, dead_reprobe_s=0.02, clock=loop.time)
+    bal.set_endpoints([_ep(1), _ep(2)])
+    for st in bal.states().values():
+        bal.mark_dead(st)
+    t0 = loop.time()
+    with pytest.raises(LlmError, match="refused connections") as info:
+        await bal.acquire(arrival=t0, deadline=t0 + 30, tried=set(), no_replica=lambda: LlmError("x"))
+    assert not info.value.timed_out and loop.time() - t0 < 1.0
