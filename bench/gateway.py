@@ -26,11 +26,15 @@ Configurations, in this order, one fleet per size:
 ``p2c``
     (a) agentmesh: ``LlmClient(policy="p2c")`` over the replicas registered in discovery.
 ``nginx``
-    (b) LLM-Swarm's design: one nginx in front of the replicas, ``least_conn``, upstream keepalive,
-    ``worker_processes`` stated in the output (1 by default, nginx's own default), the upstream state
-    shared between workers (``zone``). The client is the same ``LlmClient`` code path with ONE
-    endpoint registered in discovery: nginx's address (with one candidate the client's choice is
-    a no-op).
+    (b) the issue's baseline: one nginx in front of the replicas, ``least_conn``, upstream
+    keepalive, ``worker_processes`` stated in the output (1 by default, nginx's own default), the
+    upstream state shared between workers (``zone``). The client is the same ``LlmClient`` code
+    path with ONE endpoint registered in discovery: nginx's address (with one candidate the
+    client's choice is a no-op; ``probe=none``, since a proxy is not a replica).
+``nginx_rr``
+    (b') the same nginx with nginx's default round robin, which is what LLM-Swarm's own template
+    (``templates/nginx.template.conf``) configures: no balancing directive, no upstream keepalive
+    (kept here, so only the balancing differs from (b)).
 ``random``
     (c) ``LlmClient(policy="random")``: uniform choice among the replicas.
 
@@ -55,8 +59,9 @@ Measured, per configuration, over the window:
   time. Also: busy (>= 1 sequence running) and the seconds the simulator itself ran late for want of
   CPU ("lag"), and CPU use of each process and of the machine, to show the cores were not the limit.
 
-Goals (issue 3) on (a): >= 1.3x the requests/s of (b), added latency p50 <= 0.5 ms, imbalance <= 1.2,
-utilisation >= 95%. Printed as PASS/MISS per fleet size, with the ratios (a)/(b) and (a)/(c).
+Goals (issue 3) on (a): >= 1.3x the requests/s of (b), added latency p50 <= 0.5 ms, imbalance
+<= 1.2, utilisation >= 95%. Printed as PASS/MISS per fleet size, with the ratios (a)/(b), (a)/(b')
+and (a)/(c).
 """
 
 from __future__ import annotations
@@ -94,11 +99,12 @@ from agentmesh.llm_gateway.simulator import SERVICE_TIME_HEADER, plan_chat, simu
 
 __all__ = ["imbalance", "main", "nginx_conf", "utilisation"]
 
-CONFIGS = ("direct", "p2c", "nginx", "random")
+CONFIGS = ("direct", "p2c", "nginx", "nginx_rr", "random")
 LABELS = {
     "direct": "direct (floor)",
     "p2c": "(a) p2c client",
     "nginx": "(b) nginx least_conn",
+    "nginx_rr": "(b') nginx round-robin",
     "random": "(c) random client",
 }
 QUESTION = "Summarise the main idea of the last paragraph in one sentence."
@@ -143,11 +149,16 @@ def nginx_conf(
     workers: int,
     keepalive: int,
     worker_connections: int,
+    balance: str = "least_conn",
 ) -> str:
-    """nginx.conf for a ``least_conn`` proxy on 127.0.0.1:``port`` in front of ``upstreams``
-    (``host:port``), every path and temp dir inside ``workdir``, in the foreground."""
+    """nginx.conf for a proxy on 127.0.0.1:``port`` in front of ``upstreams`` (``host:port``),
+    balancing by ``balance`` (``least_conn`` or ``round_robin``, nginx's default), every path and
+    temp dir inside ``workdir``, in the foreground."""
     if not upstreams:
         raise ValueError("upstreams: expected at least one host:port")
+    if balance not in ("least_conn", "round_robin"):
+        raise ValueError(f"balance: expected 'least_conn' or 'round_robin', got {balance!r}")
+    method = "least_conn;" if balance == "least_conn" else "# round robin (nginx's default)"
     if workers < 1:
         raise ValueError(f"workers: expected >= 1, got {workers}")
     d = workdir
@@ -175,8 +186,8 @@ http {{
     keepalive_requests 1000000;
 
     upstream replicas {{
-        least_conn;
-        # least_conn counts shared by all workers (with one worker this changes nothing)
+        {method}
+        # balancing state shared by all workers (with one worker this changes nothing)
         zone replicas 1m;
 {servers}
         keepalive {keepalive};
@@ -292,8 +303,11 @@ def _free_port() -> int:
 class Nginx:
     """A private nginx in the foreground (``daemon off``): own config, pid file, logs, temp dirs."""
 
-    def __init__(self, upstreams: Sequence[str], workdir: Path, *, workers: int, keepalive: int) -> None:
+    def __init__(
+        self, upstreams: Sequence[str], workdir: Path, *, workers: int, keepalive: int, balance: str
+    ) -> None:
         self.upstreams = list(upstreams)
+        self.balance = balance
         self.workdir = workdir
         self.workers = workers
         self.keepalive = keepalive
@@ -322,6 +336,7 @@ class Nginx:
                     workers=self.workers,
                     keepalive=self.keepalive,
                     worker_connections=worker_connections,
+                    balance=self.balance,
                 )
             )
             log = self.workdir / "stderr.log"
@@ -589,13 +604,22 @@ async def run_config(
         else:
             discovery = MemoryDiscovery()
             cache = EndpointCache(discovery)
-            if name == "nginx":
+            if name in ("nginx", "nginx_rr"):
+                balance = "least_conn" if name == "nginx" else "round_robin"
                 nginx = Nginx(
-                    fleet.addresses, workdir / f"nginx-{fleet.n}", workers=ns.nginx_workers, keepalive=1024
+                    fleet.addresses,
+                    workdir / f"{name}-{fleet.n}",
+                    workers=ns.nginx_workers,
+                    keepalive=1024,
+                    balance=balance,
                 )
                 await nginx.start(worker_connections=max(4096, 4 * concurrency))
                 pids["nginx"] = nginx.pids
-                extra["nginx"] = {"version": nginx.version, "worker_processes": ns.nginx_workers}
+                extra["nginx"] = {
+                    "version": nginx.version,
+                    "worker_processes": ns.nginx_workers,
+                    "balance": balance,
+                }
                 # probe=none: a proxy is not a replica; its /metrics would be some replica's.
                 await register(discovery, fleet.model, [f"127.0.0.1:{nginx.port}"], "nginx", probe="none")
             else:
@@ -783,7 +807,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
                         "p50_ms": cfg[k]["overhead_p50_ms"] - floor["overhead_p50_ms"],
                         "p99_ms": cfg[k]["overhead_p99_ms"] - floor["overhead_p99_ms"],
                     }
-                    for k in ("p2c", "nginx", "random")
+                    for k in ("p2c", "nginx", "nginx_rr", "random")
                 }
                 size["added_latency"] = added
                 goals = {
@@ -793,6 +817,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
                     "utilisation": (a["utilisation"], GOAL_UTILISATION, ">="),
                 }
                 size["ratio_a_over_b"] = a["req_per_s"] / b["req_per_s"]
+                size["ratio_a_over_b_round_robin"] = a["req_per_s"] / cfg["nginx_rr"]["req_per_s"]
                 size["ratio_a_over_c"] = a["req_per_s"] / c["req_per_s"]
                 size["goals"] = {}
                 for goal, (value, target, op) in goals.items():
@@ -817,7 +842,8 @@ async def main_async(ns: argparse.Namespace) -> dict[str, Any]:
     for size in results["sizes"]:
         print(
             f"{size['replicas']} replicas: (a)/(b) = {size['ratio_a_over_b']:.2f}x, "
-            f"(a)/(c) = {size['ratio_a_over_c']:.2f}x requests/s"
+            f"(a)/(c) = {size['ratio_a_over_c']:.2f}x requests/s; "
+            f"(a)/(b') = {size['ratio_a_over_b_round_robin']:.2f}x (nginx round-robin, LLM-Swarm's template)"
         )
     print()
     results["verdicts"] = print_table(

@@ -106,3 +106,26 @@ def test_nginx_accepts_the_generated_conf(gw: ModuleType, tmp_path: Path) -> Non
         timeout=10,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_nginx_conf_round_robin_has_no_balancing_directive(gw: ModuleType, tmp_path: Path) -> None:
+    text = gw.nginx_conf(
+        upstreams=["127.0.0.1:4001"],
+        port=4100,
+        workdir=tmp_path,
+        workers=1,
+        keepalive=8,
+        worker_connections=64,
+        balance="round_robin",
+    )
+    assert "least_conn" not in text and "server 127.0.0.1:4001 max_fails=0;" in text
+    with pytest.raises(ValueError, match="balance"):
+        gw.nginx_conf(
+            upstreams=["127.0.0.1:1"],
+            port=1,
+            workdir=tmp_path,
+            workers=1,
+            keepalive=1,
+            worker_connections=64,
+            balance="ip_hash",
+        )
