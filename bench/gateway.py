@@ -1,7 +1,7 @@
 """Client-side power of two choices against a real nginx ``least_conn`` proxy and uniform random choice.
 
     python bench/gateway.py                      # 8 and 16 replicas, ~5 min
-    python bench/gateway.py --quick              # ~1 min smoke run
+    python bench/gateway.py --quick              # ~1.5 min smoke run
     python bench/gateway.py --replicas 8,16 --duration 20 --concurrency 1024
 
 Needs nginx on PATH (Debian: ``apt-get install -y nginx``; the benchmark starts its own instance).
@@ -871,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sample-every", type=float, default=0.5, help="in-flight sampling period, s")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the saturation sweep")
     ap.add_argument("--sweep-duration", type=float, default=6.0, help="window of each sweep point, s")
-    ap.add_argument("--quick", action="store_true", help="~1 min: 4 s windows, 3 s warm-up, no sweep")
+    ap.add_argument("--quick", action="store_true", help="~1.5 min: 4 s windows, 3 s warm-up, no sweep")
     ap.add_argument("--out", default="gateway", help="results name under bench/results/ (default gateway)")
     ns = ap.parse_args(argv)
     if ns.quick:
