@@ -98,6 +98,7 @@ class _VllmGpuBackend:
         from agentmesh.llm_gateway.vllm_gpu import VllmServer
 
         self._log_dir = log_dir
+        self._service = llm_service_name(model)
         self._tp = tensor_parallel_size
         self.server = VllmServer(
             model,
@@ -110,9 +111,12 @@ class _VllmGpuBackend:
         )
 
     async def start(self, host: str) -> str:
+        from agentmesh.llm_gateway.constants import agentmesh_home
+
         self.server.host = host
-        if self._log_dir is not None:
-            self.server.log_path = self._log_dir / f"vllm-{os.getpid()}.log"
+        # Named after the service, not the model: a Hugging Face id holds a '/'.
+        log_dir = self._log_dir if self._log_dir is not None else agentmesh_home() / "logs"
+        self.server.log_path = log_dir / f"vllm-{self._service}-{os.getpid()}.log"
         return str(await self.server.start())
 
     async def stop(self) -> None:
