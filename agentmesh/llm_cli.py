@@ -201,8 +201,8 @@ def _llm_deploy(ns: argparse.Namespace) -> int:
         num_cpus=ns.num_cpus,
         **options,
     )
-    ray_address, discovery_url = _where(ns)
     env = _parse_env(ns.env)
+    ray_address, discovery_url = _where(ns)
     if spec.backend in ("openai", "azure", "gemini"):
         key_env = spec.replica_options.get("api_key_env") or _default_key_env(spec.backend)
         if not os.environ.get(key_env):
