@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 Policy = Literal["p2c", "random"]
 _POLICIES = ("p2c", "random")
 _DEAD_REPROBE_MAX_FACTOR = 8
+_SAMPLE_TRIES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ class ReplicaBalancer:
         self._clock = clock
         self._states: dict[str, ReplicaState] = {}
         self._order: list[ReplicaState] = []
+        self._dead_count = 0
         self._waiters: list[_Waiter] = []
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -192,6 +194,7 @@ class ReplicaBalancer:
                 fresh.append(st)
         self._states = new
         self._order = list(new.values())
+        self._dead_count = sum(st.dead for st in self._order)
         for st in fresh:
             self._schedule_probe(st, force=True)
         self._wake_head()
@@ -216,7 +219,12 @@ class ReplicaBalancer:
         """The replica for the next request, or None when none can take it now. Does not count it
         as in flight (see :meth:`acquire`)."""
         now = self._clock()
-        self._reprobe_due(now)
+        if self._dead_count:
+            self._reprobe_due(now)
+        if session_id is None and not tried:
+            fast = self._pick_sampled(now)
+            if fast is not None:
+                return fast
         usable = [st for st in self._order if self._usable(st, now)]
         if not usable:
             return None
@@ -237,6 +245,34 @@ class ReplicaBalancer:
         self._schedule_probe(a)
         self._schedule_probe(b)
         return b if b.load(now, self.staleness_s) < a.load(now, self.staleness_s) else a
+
+    def _pick_sampled(self, now: float) -> ReplicaState | None:
+        """The common case in O(1): draw two distinct replicas (one for ``random``) until the draw
+        is usable; None after a few draws (then :meth:`pick` scans every replica)."""
+        order = self._order
+        n = len(order)
+        if n < 2:
+            return None
+        rand = self._rng.randrange
+        for _ in range(_SAMPLE_TRIES):
+            i = rand(n)
+            a = order[i]
+            if self.policy == "random":
+                if self._usable(a, now):
+                    return a
+                continue
+            j = rand(n - 1)
+            b = order[j + 1 if j >= i else j]
+            ua, ub = self._usable(a, now), self._usable(b, now)
+            if ua and ub:
+                self._schedule_probe(a)
+                self._schedule_probe(b)
+                return b if b.load(now, self.staleness_s) < a.load(now, self.staleness_s) else a
+            if ua or ub:  # one of the two cannot take it: the other wins the pair
+                chosen = a if ua else b
+                self._schedule_probe(chosen)
+                return chosen
+        return None
 
     async def acquire(
         self,
@@ -336,6 +372,7 @@ class ReplicaBalancer:
         if st.id not in self._states or st.dead:
             return
         st.dead = True
+        self._dead_count += 1
         st.reported = None
         st.dead_reprobe_s = self.dead_reprobe_s
         st.dead_reprobe_at = self._clock() + st.dead_reprobe_s
@@ -385,6 +422,7 @@ class ReplicaBalancer:
             if self._states.get(st.id) is st:
                 if not st.dead:
                     st.dead = True
+                    self._dead_count += 1
                     st.dead_reprobe_s = self.dead_reprobe_s
                 else:
                     st.dead_reprobe_s = min(
@@ -416,6 +454,8 @@ class ReplicaBalancer:
         st.in_flight_at_report = st.in_flight
         if st.dead:
             st.dead = False  # it answers again (a restart at the same address)
+            if self._states.get(st.id) is st:
+                self._dead_count -= 1
         self._wake_head()
 
     async def close(self) -> None:
