@@ -243,6 +243,17 @@ def _llm_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _llm_gateway(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentmesh.llm_gateway.server import serve
+
+    if ns.discovery is None:
+        _, ns.discovery = _where(ns)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(ns))
+
+
 def _llm_remove(ns: argparse.Namespace) -> int:
     from agentmesh.llm_gateway.deploy import remove
 
@@ -310,6 +321,19 @@ def add_llm_commands(subparsers: Any) -> None:
     st.add_argument("--sample-s", type=float, default=1.0, help="tokens/s sampling window (0: no rate)")
     _cluster_flags(st)
     st.set_defaults(func=_guarded(_llm_status))
+
+    gw = sub.add_parser(
+        "gateway",
+        help="serve the cluster's models over OpenAI-compatible HTTP and gRPC (until SIGTERM)",
+        description="A standalone gateway for clients that cannot embed the client library: "
+        "OpenAI-compatible HTTP (/v1/chat/completions, /v1/completions, /v1/models, streaming) and the "
+        "gRPC LlmGateway service, balancing over the replicas in discovery. SIGTERM drains it.",
+    )
+    from agentmesh.llm_gateway.server import add_arguments as add_gateway_arguments
+
+    add_gateway_arguments(gw, with_discovery=False)
+    _cluster_flags(gw)
+    gw.set_defaults(func=_guarded(_llm_gateway))
 
     rm = sub.add_parser("remove", help="stop and remove a model's replicas (or all)")
     group = rm.add_mutually_exclusive_group()

@@ -953,11 +953,13 @@ class _Servicer(pb_grpc.LlmGatewayServicer):
 # -- command line --------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The gateway's options (shared with ``agentmesh llm gateway``)."""
-    parser.add_argument(
-        "--discovery", required=True, help="discovery URL: etcd://HOST:PORT, consul://HOST:PORT"
-    )
+def add_arguments(parser: argparse.ArgumentParser, *, with_discovery: bool = True) -> None:
+    """The gateway's options (shared with ``agentmesh llm gateway``, which adds its own
+    ``--discovery`` defaulting to the cluster's: ``with_discovery=False``)."""
+    if with_discovery:
+        parser.add_argument(
+            "--discovery", required=True, help="discovery URL: etcd://HOST:PORT, consul://HOST:PORT"
+        )
     parser.add_argument("--http-host", default="127.0.0.1", help="HTTP bind address (default %(default)s)")
     parser.add_argument(
         "--http-port", type=int, default=8000, help="HTTP port, 0 for any (default %(default)s)"

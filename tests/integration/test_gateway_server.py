@@ -409,12 +409,16 @@ async def test_caller_leaving_a_stream_frees_the_gateway_and_the_replica() -> No
         await stack.close()
 
 
-def test_command_line_serves_and_drains_on_sigterm() -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "agentmesh.llm_gateway.server"], ["-m", "agentmesh.cli", "llm", "gateway"]],
+    ids=["module", "agentmesh-llm-gateway"],
+)
+def test_command_line_serves_and_drains_on_sigterm(command: list[str]) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "agentmesh.llm_gateway.server",
+            *command,
             "--discovery",
             "memory://",
             "--http-port",
