@@ -226,9 +226,9 @@ def _llm_deploy(ns: argparse.Namespace) -> int:
 
 
 def _default_key_env(backend: str) -> str:
-    from agentmesh.llm_gateway.replica import EXTERNAL_DEFAULTS
+    from agentmesh.llm_gateway.providers import PROVIDERS
 
-    return EXTERNAL_DEFAULTS[backend]["api_key_env"]
+    return str(PROVIDERS[backend].default_key_env)
 
 
 def _llm_status(ns: argparse.Namespace) -> int:

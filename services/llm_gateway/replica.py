@@ -46,8 +46,9 @@ from agentmesh.discovery.base import Discovery, Endpoint, Registration
 from agentmesh.errors import ConfigError, LlmError
 from agentmesh.llm_gateway.client import llm_service_name
 from agentmesh.llm_gateway.constants import LLM_REPLICA_TTL_S, VLLM_STARTUP_TIMEOUT_S
+from agentmesh.llm_gateway.providers import PROVIDERS
 
-__all__ = ["EXTERNAL_BACKENDS", "EXTERNAL_DEFAULTS", "BackendKind", "LlmReplica", "LlmReplicaActor"]
+__all__ = ["EXTERNAL_BACKENDS", "BackendKind", "LlmReplica", "LlmReplicaActor"]
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ _BACKENDS: tuple[str, ...] = get_args(BackendKind)
 EXTERNAL_BACKENDS = ("openai", "azure", "gemini")
 """Backends that start no server: a registration of a provider's API."""
 
-EXTERNAL_DEFAULTS: dict[str, dict[str, str]] = {
-    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"},
-    "azure": {"api_key_env": "AZURE_OPENAI_API_KEY"},
-    "gemini": {
-        "base_url": "https://generativelanguage.googleapis.com/v1beta/openai",
-        "api_key_env": "GEMINI_API_KEY",
-    },
-}
-"""Per external provider: the default ``base_url`` (Azure has none: it is the resource's endpoint)
-and the environment variable that holds the key."""
 _WATCHDOG_INTERVAL_S = 1.0
 
 
@@ -142,8 +133,9 @@ class _ExternalBackend:
         deployment: str | None,
         api_version: str | None,
     ) -> None:
-        defaults = EXTERNAL_DEFAULTS[provider]
-        url = base_url or defaults.get("base_url")
+        # The provider's own defaults (Azure has no base_url: it is the resource's endpoint).
+        defaults = PROVIDERS[provider]
+        url = base_url or defaults.default_base_url
         if not url:
             raise ConfigError(f"backend {provider!r} needs a base_url (its API root)", key="base_url")
         parts = urlsplit(url)
@@ -155,7 +147,7 @@ class _ExternalBackend:
             "provider": provider,
             "scheme": parts.scheme,
             "base_url": url.rstrip("/"),
-            "api_key_env": api_key_env or defaults["api_key_env"],
+            "api_key_env": api_key_env or str(defaults.default_key_env),
             "model": model,
             "probe": "none",
         }
