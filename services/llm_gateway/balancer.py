@@ -377,9 +377,11 @@ class ReplicaBalancer:
         st.dead_reprobe_s = self.dead_reprobe_s
         st.dead_reprobe_at = self._clock() + st.dead_reprobe_s
 
-    def mark_unavailable(self, st: ReplicaState) -> None:
-        """Timed out or broke the connection: forget its load report and probe it again now."""
+    def mark_unavailable(self, st: ReplicaState, *, hold_s: float = 0.0) -> None:
+        """Timed out or broke the connection: forget its load report and probe it again now;
+        out of the choice for ``hold_s`` (a backoff) meanwhile."""
         self._failed(st)
+        st.held_until = max(st.held_until, self._clock() + hold_s)
         st.reported = None
         self._schedule_probe(st, force=True)
 

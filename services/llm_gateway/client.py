@@ -660,8 +660,8 @@ class LlmClient:
             self._balancer.mark_dead(st)
         elif isinstance(exc, TransportError):
             kind = "timeout" if isinstance(exc, AttemptTimeout) else "transport"
-            self._balancer.mark_unavailable(st)
-            self._balancer.hold(st, self._backoff_s(st.consecutive_failures))
+            # One failure counted once: the backoff grows with the failures before this one + 1.
+            self._balancer.mark_unavailable(st, hold_s=self._backoff_s(st.consecutive_failures + 1))
         else:
             kind = exc.kind
             pause = exc.retry_after_s
