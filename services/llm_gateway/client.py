@@ -484,10 +484,8 @@ class LlmClient:
         t0 = self._clock()
         if not self.measure_ttft:
             reply = await self._send(span, path, body, session_id, timeout_s)
-            try:
-                text, finish = _chat_text(reply.data) if chat else _completion_text(reply.data)
-            except _Retryable as exc:  # already validated in _send; kept for the type checker
-                raise LlmError(f"{self.model}: {exc}") from None
+            # _send has checked that the reply has a first choice.
+            text, finish = _chat_text(reply.data) if chat else _completion_text(reply.data)
             usage = reply.data.get("usage") or {}
             return ChatResult(
                 text=text,
