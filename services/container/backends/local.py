@@ -1,0 +1,215 @@
+"""The part every host-process sandbox shares (bubblewrap, nsjail): scratch, uid, cgroup, rlimits.
+
+A host-process sandbox is not a long-lived process: it is a scratch directory (``work/`` mounted at
+``/work``, ``tmp/`` at ``/tmp``) owned by a uid of its own, and a cgroup that caps its processes
+and memory. Each exec starts the backend's launcher (``bwrap``, ``nsjail``) in a fresh session,
+inside the sandbox's cgroup, with rlimits set and privileges dropped to the sandbox's uid before
+the launcher runs; a subclass only says how to build the launcher's command line.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import resource
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agentmesh.container import cgroups
+from agentmesh.container.process import run_process
+from agentmesh.container.sandbox import (
+    KILLED_CPU,
+    KILLED_MEMORY,
+    ExecResult,
+    Sandbox,
+    SandboxBackend,
+    SandboxError,
+    SandboxSpec,
+)
+from agentmesh.container.uids import UidPool
+
+__all__ = ["BASE_ENV", "LocalBackend", "LocalSandbox"]
+
+#: The environment every exec starts from: nothing of the host's (no keys, no tokens leak in).
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/work",
+    "LANG": "C.UTF-8",
+    "TMPDIR": "/tmp",
+}
+
+# the launcher and the sandbox's init count against the process cap too
+_LAUNCHER_PROCESSES = 3
+
+
+def _default_root() -> Path:
+    return Path(os.environ.get("AGENTMESH_SANDBOX_ROOT", "/tmp/agentmesh-sandboxes"))
+
+
+class LocalSandbox(Sandbox):
+    """A sandbox whose execs are host processes confined by a launcher (see the module docstring)."""
+
+    def __init__(
+        self, backend: LocalBackend, sandbox_id: str, spec: SandboxSpec, root: Path, uid: int | None
+    ) -> None:
+        self.id = sandbox_id
+        self.spec = spec
+        self.root = root
+        self.uid = uid
+        self._backend = backend
+        self.cgroup: cgroups.Cgroup | None = None
+        self._destroyed = False
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def _setup(self) -> None:
+        for d in (self.root, self.work_dir, self.tmp_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.uid is not None:
+                os.chown(d, self.uid, self.uid)
+        lim = self.spec.limits
+        if self._backend.use_cgroups:
+            self.cgroup = cgroups.create(
+                f"{self._backend.name}-{self.id}",
+                max_processes=lim.max_processes + _LAUNCHER_PROCESSES,
+                memory_bytes=lim.memory_bytes,
+            )
+
+    def _preexec(self) -> Any:
+        """The function the child runs between fork and exec: join the cgroup, set rlimits, drop to uid.
+
+        Only system calls here: no locks another thread of the parent could hold at fork time.
+        """
+        lim = self.spec.limits
+        procs_files = list(self.cgroup.procs_files) if self.cgroup is not None else []
+        cpu = max(1, int(lim.cpu_time_s + 0.999))
+        # with a cgroup, memory is the cgroup's to enforce (the OOM killer says so clearly);
+        # without one, each process's address space is the only bound there is
+        address_space = None if self.cgroup is not None else lim.memory_bytes
+        nproc = lim.max_processes + _LAUNCHER_PROCESSES
+        uid = self.uid
+
+        def preexec() -> None:
+            pid = str(os.getpid()).encode()
+            for f in procs_files:
+                fd = os.open(f, os.O_WRONLY)
+                try:
+                    os.write(fd, pid)
+                finally:
+                    os.close(fd)
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if address_space is not None:
+                resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+            if uid is not None:
+                # a uid of its own: RLIMIT_NPROC counts exactly this sandbox's processes
+                resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+
+        return preexec
+
+    async def _kill_rest(self) -> None:
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.kill_all)
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes = b"",
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/work",
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        if self._destroyed:
+            raise SandboxError(f"sandbox {self.id} is destroyed")
+        if not argv:
+            raise SandboxError("argv: must not be empty")
+        lim = self.spec.limits
+        timeout = min(lim.wall_time_s, timeout_s) if timeout_s and timeout_s > 0 else lim.wall_time_s
+        full_env = {**BASE_ENV, **self.spec.env, **(env or {})}
+        command = self._backend.command(self, list(argv), full_env, cwd)
+        if self.cgroup is not None:
+            self.cgroup.oom_killed_since_last_check()
+        result = await run_process(
+            command,
+            stdin=stdin,
+            env=self._backend.launcher_env(),
+            timeout_s=timeout,
+            output_bytes=lim.output_bytes,
+            preexec_fn=self._preexec(),
+            kill=self._kill_rest,
+        )
+        # nothing of an exec outlives it: background processes it left are killed too
+        await self._kill_rest()
+        if not result.killed:
+            if self.cgroup is not None and self.cgroup.oom_killed_since_last_check():
+                result.killed = KILLED_MEMORY
+            elif result.exit_code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) and self._cpu_exhausted(
+                result
+            ):
+                result.killed = KILLED_CPU
+        return result
+
+    def _cpu_exhausted(self, result: ExecResult) -> bool:
+        # SIGXCPU is only sent for RLIMIT_CPU; SIGKILL (the hard limit) is ours only if CPU ran out
+        return result.exit_code == 128 + signal.SIGXCPU or result.duration_s >= self.spec.limits.cpu_time_s
+
+    async def destroy(self) -> None:
+        if self._destroyed:
+            return
+        self._destroyed = True
+        await self._kill_rest()
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.remove)
+        await asyncio.to_thread(shutil.rmtree, self.root, True)
+        if self.uid is not None:
+            self._backend.uids.free(self.uid)
+
+
+class LocalBackend(SandboxBackend):
+    """Shared lifecycle of host-process backends; subclasses build the launcher command."""
+
+    def __init__(self, root: str | Path | None = None, *, use_cgroups: bool = True) -> None:
+        self.root = Path(root) if root is not None else _default_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        self.is_root = os.geteuid() == 0
+        self.uids = UidPool(self.root / ".uids") if self.is_root else None
+        self.use_cgroups = use_cgroups and self.is_root and cgroups.cgroups_unavailable_reason() is None
+        self._sandboxes: dict[str, LocalSandbox] = {}
+
+    @abc.abstractmethod
+    def command(self, sandbox: LocalSandbox, argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
+        """The launcher's command line that runs ``argv`` inside ``sandbox``."""
+
+    def launcher_env(self) -> dict[str, str]:
+        """The environment of the launcher process itself (not of the sandboxed command)."""
+        return {"PATH": BASE_ENV["PATH"], "LANG": "C.UTF-8"}
+
+    async def create(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        if spec.image not in ("host", ""):
+            raise SandboxError(
+                f"image: the {self.name} backend runs the host's root read-only (image 'host'), "
+                f"got {spec.image!r}; use the podman backend for OCI images"
+            )
+        uid = self.uids.claim() if self.uids is not None else None
+        sb = LocalSandbox(self, sandbox_id, spec, self.root / sandbox_id, uid)
+        try:
+            await asyncio.to_thread(sb._setup)
+        except OSError as exc:
+            await sb.destroy()
+            raise SandboxError(f"sandbox {sandbox_id}: could not set up its scratch: {exc}") from exc
+        return sb
