@@ -175,7 +175,7 @@ class LocalSandbox(Sandbox):
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.remove)
         await asyncio.to_thread(shutil.rmtree, self.root, True)
-        if self.uid is not None:
+        if self.uid is not None and self._backend.uids is not None:
             self._backend.uids.free(self.uid)
 
 
