@@ -80,10 +80,11 @@ class Limits:
 
 @dataclass(frozen=True)
 class SandboxSpec:
-    """What to create. ``image`` is backend-specific: ``host`` (the host's root, read-only) for
-    bubblewrap and nsjail, an OCI image name for podman."""
+    """What to create. ``image`` is backend-specific: ``default`` is the backend's own default (the
+    host's root, read-only, for bubblewrap and nsjail; agentmesh's Debian image for podman);
+    podman also takes any OCI image name it has."""
 
-    image: str = "host"
+    image: str = "default"
     limits: Limits = field(default_factory=Limits)
     env: Mapping[str, str] = field(default_factory=dict)  # base environment of every exec
 

@@ -50,6 +50,16 @@ def _default_root() -> Path:
     return Path(os.environ.get("AGENTMESH_SANDBOX_ROOT", "/tmp/agentmesh-sandboxes"))
 
 
+def _check_traversable(root: Path) -> None:
+    # sandboxes run as other uids: they must be able to walk down to their own scratch
+    for d in [root.resolve(), *root.resolve().parents]:
+        if not os.stat(d).st_mode & 0o001:
+            raise SandboxError(
+                f"sandbox root {root}: {d} is not traversable by other users (mode "
+                f"{os.stat(d).st_mode & 0o777:o}); choose a root under a world-traversable directory"
+            )
+
+
 class LocalSandbox(Sandbox):
     """A sandbox whose execs are host processes confined by a launcher (see the module docstring)."""
 
@@ -188,6 +198,8 @@ class LocalBackend(SandboxBackend):
         os.chmod(self.root, 0o711)
         self.is_root = os.geteuid() == 0
         self.uids = UidPool(self.root / ".uids") if self.is_root else None
+        if self.uids is not None:
+            _check_traversable(self.root)
         self.use_cgroups = use_cgroups and self.is_root and cgroups.cgroups_unavailable_reason() is None
         self._sandboxes: dict[str, LocalSandbox] = {}
 
@@ -200,9 +212,9 @@ class LocalBackend(SandboxBackend):
         return {"PATH": BASE_ENV["PATH"], "LANG": "C.UTF-8"}
 
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
-        if spec.image not in ("host", ""):
+        if spec.image not in ("default", "host", ""):
             raise SandboxError(
-                f"image: the {self.name} backend runs the host's root read-only (image 'host'), "
+                f"image: the {self.name} backend runs the host's root read-only (image 'default' or 'host'), "
                 f"got {spec.image!r}; use the podman backend for OCI images"
             )
         uid = self.uids.claim() if self.uids is not None else None
