@@ -28,6 +28,7 @@ __all__ = [
     "EndpointCache",
     "KeepAliveRegistration",
     "Registration",
+    "validate_kv_key",
     "validate_service_name",
 ]
 
@@ -142,6 +143,29 @@ class Discovery(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Close connections. Registrations made through this object are closed too."""
+
+    # -- durable state ------------------------------------------------------------------------
+    # Services that must survive their own restart (the container registry) keep small records in
+    # the same store, under keys of their own: no second database to run.
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` (no lease: it stays until deleted)."""
+        raise DiscoveryError(f"{type(self).__name__} has no key-value store")
+
+    async def kv_get_prefix(self, prefix: str) -> dict[str, bytes]:
+        """Every key under ``prefix`` with its value."""
+        raise DiscoveryError(f"{type(self).__name__} has no key-value store")
+
+    async def kv_delete(self, key: str) -> None:
+        """Delete ``key`` (no error if absent)."""
+        raise DiscoveryError(f"{type(self).__name__} has no key-value store")
+
+
+def validate_kv_key(key: str) -> str:
+    """State keys are printable ASCII paths without ``..``, so that every backend can hold them."""
+    if not key or len(key) > 512 or not key.isprintable() or not key.isascii() or ".." in key:
+        raise DiscoveryError(f"bad state key {key!r}: expected printable ASCII, 1-512 chars, no '..'")
+    return key
 
 
 Listener = Callable[[str, tuple[Endpoint, ...]], None]

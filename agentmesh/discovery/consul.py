@@ -27,6 +27,7 @@ from agentmesh.discovery.base import (
     Endpoint,
     KeepAliveRegistration,
     Registration,
+    validate_kv_key,
     validate_service_name,
 )
 from agentmesh.errors import DiscoveryError
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 TAG = "agentmesh"
+STATE_PREFIX = "agentmesh/state/"
 META_SERVICE = "agentmesh_service"
 META_ID = "agentmesh_id"
 _RESERVED_META = (META_SERVICE, META_ID)
@@ -281,6 +283,24 @@ class ConsulDiscovery(ClientDiscovery):
         except (TypeError, ValueError):
             raise DiscoveryError(f"consul at {self.target} sent a bad X-Consul-Index {new_index!r}") from None
         return parsed, self._endpoints(service, entries)
+
+    # -- durable state: Consul's KV store (/v1/kv), under a prefix of our own ----------------
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        k = STATE_PREFIX + validate_kv_key(key)
+        ok = await self._call("kv put", lambda c: c.kv.put(k, bytes(value)))
+        if ok is not True:
+            raise DiscoveryError(f"consul kv put {k!r} at {self.target} was refused")
+
+    async def kv_get_prefix(self, prefix: str) -> dict[str, bytes]:
+        p = STATE_PREFIX + prefix
+        _, entries = await self._call("kv get", lambda c: c.kv.get(p, recurse=True))
+        cut = len(STATE_PREFIX)
+        return {str(e["Key"])[cut:]: bytes(e.get("Value") or b"") for e in entries or []}
+
+    async def kv_delete(self, key: str) -> None:
+        k = STATE_PREFIX + validate_kv_key(key)
+        await self._call("kv delete", lambda c: c.kv.delete(k))
 
     async def snapshot(self, service: str) -> list[Endpoint]:
         _, eps = await self._health(service, None)

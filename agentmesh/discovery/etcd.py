@@ -25,6 +25,7 @@ from agentmesh.discovery.base import (
     Endpoint,
     KeepAliveRegistration,
     Registration,
+    validate_kv_key,
     validate_service_name,
 )
 from agentmesh.errors import DiscoveryError
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 KEY_PREFIX = "/agentmesh/services/"
+STATE_PREFIX = "/agentmesh/state/"
 
 # Reconnect quickly after an etcd restart (gRPC's default backoff grows to 2 minutes), and ping an
 # idle connection so a vanished server is noticed by open watches. etcd refuses pings more often
@@ -220,6 +222,22 @@ class EtcdDiscovery(ClientDiscovery):
             raise
         reg._start(f"etcd-keepalive:{reg._key.decode()}")
         return reg
+
+    # -- durable state (under their own prefix, apart from service registrations) ------------
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        k = (STATE_PREFIX + validate_kv_key(key)).encode()
+        await self._rpc("put", lambda c: c.put(k, bytes(value)))
+
+    async def kv_get_prefix(self, prefix: str) -> dict[str, bytes]:
+        p = (STATE_PREFIX + prefix).encode()
+        rng = await self._rpc("get", lambda c: c.get_prefix(p))
+        cut = len(STATE_PREFIX)
+        return {kv.key.decode()[cut:]: bytes(kv.value) for kv in rng}
+
+    async def kv_delete(self, key: str) -> None:
+        k = (STATE_PREFIX + validate_kv_key(key)).encode()
+        await self._rpc("delete", lambda c: c.delete(k))
 
     @staticmethod
     def _decode(key: bytes, value: bytes) -> Endpoint | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from agentmesh.discovery.base import Discovery, Endpoint, Registration, validate_service_name
+from agentmesh.discovery.base import Discovery, Endpoint, Registration, validate_kv_key, validate_service_name
 
 __all__ = ["MemoryDiscovery"]
 
@@ -30,6 +30,7 @@ class MemoryDiscovery(Discovery):
         self._services: dict[str, dict[str, Endpoint]] = {}
         self._version = 0
         self._cond = asyncio.Condition()
+        self._kv: dict[str, bytes] = {}
 
     async def register(self, endpoint: Endpoint, *, ttl_s: float = 5.0) -> Registration:
         validate_service_name(endpoint.service)
@@ -73,6 +74,15 @@ class MemoryDiscovery(Discovery):
                 yield now
             async with self._cond:
                 await self._cond.wait_for(lambda seen=seen: self._version != seen)  # type: ignore[misc]
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        self._kv[validate_kv_key(key)] = bytes(value)
+
+    async def kv_get_prefix(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self._kv.items() if k.startswith(prefix)}
+
+    async def kv_delete(self, key: str) -> None:
+        self._kv.pop(key, None)
 
     async def close(self) -> None:
         return None

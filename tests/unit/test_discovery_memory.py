@@ -218,3 +218,18 @@ async def test_cache_subscribe_times_out_when_store_never_answers() -> None:
     with pytest.raises(DiscoveryError, match="no snapshot"):
         await cache.subscribe("svc", timeout_s=0.05)
     await cache.close()
+
+
+async def test_memory_kv_contract() -> None:
+    from agentmesh.discovery.memory import MemoryDiscovery
+    from agentmesh.errors import DiscoveryError
+
+    d = MemoryDiscovery()
+    await d.kv_put("p/a/1", b"1")
+    await d.kv_put("p/ab/1", b"2")
+    assert await d.kv_get_prefix("p/a/") == {"p/a/1": b"1"}
+    await d.kv_delete("p/a/1")
+    await d.kv_delete("p/a/1")
+    assert await d.kv_get_prefix("p/") == {"p/ab/1": b"2"}
+    with pytest.raises(DiscoveryError):
+        await d.kv_put("../x", b"")

@@ -14,6 +14,7 @@ from typing import TypeVar
 from agentmesh.discovery import Discovery, Endpoint
 
 __all__ = [
+    "check_kv_contract",
     "check_watch_follows_changes",
     "measure_register_to_watch",
     "next_within",
@@ -96,3 +97,28 @@ async def measure_register_to_watch(discovery: Discovery, service: str, label: s
     reg_p50, prop_p50 = statistics.median(register_s), statistics.median(propagate_s)
     print(f"\n{label}: register p50 {reg_p50 * 1e3:.1f} ms, register->watch p50 {prop_p50 * 1e3:.1f} ms")
     return prop_p50
+
+
+async def check_kv_contract(d: Discovery, prefix: str) -> None:
+    """The durable-state contract every backend keeps: put, read back by prefix, overwrite, delete."""
+    from agentmesh.errors import DiscoveryError
+
+    assert await d.kv_get_prefix(prefix) == {}
+    await d.kv_put(f"{prefix}a/1", b'{"x": 1}')
+    await d.kv_put(f"{prefix}a/2", b"\x00binary\xff")
+    await d.kv_put(f"{prefix}ab/1", b"other")
+    assert await d.kv_get_prefix(f"{prefix}a/") == {
+        f"{prefix}a/1": b'{"x": 1}',
+        f"{prefix}a/2": b"\x00binary\xff",
+    }
+    await d.kv_put(f"{prefix}a/1", b"new")
+    await d.kv_delete(f"{prefix}a/2")
+    await d.kv_delete(f"{prefix}a/never")  # absent: no error
+    assert await d.kv_get_prefix(f"{prefix}a/") == {f"{prefix}a/1": b"new"}
+    assert await d.kv_get_prefix(prefix) == {f"{prefix}a/1": b"new", f"{prefix}ab/1": b"other"}
+    for bad in ("", "../x", "a\nb"):
+        try:
+            await d.kv_put(bad, b"v")
+        except DiscoveryError:
+            continue
+        raise AssertionError(f"key {bad!r} was accepted")

@@ -22,6 +22,7 @@ so this small aiohttp server implements exactly the part of Consul's documented 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -128,6 +129,7 @@ class FakeConsulAgent:
         self._stopping = False
         self.port = 0
         self.requests: list[tuple[str, str]] = []
+        self._kv: dict[str, tuple[int, bytes]] = {}  # key -> (ModifyIndex, value)
 
     @property
     def url(self) -> str:
@@ -143,6 +145,9 @@ class FakeConsulAgent:
         app.router.add_put("/v1/agent/service/deregister/{service_id:.+}", self._deregister)
         app.router.add_put("/v1/agent/check/pass/{check_id:.+}", self._check_pass)
         app.router.add_get("/v1/health/service/{name}", self._health_service)
+        app.router.add_put("/v1/kv/{key:.+}", self._kv_put)
+        app.router.add_get("/v1/kv/{key:.+}", self._kv_get)
+        app.router.add_delete("/v1/kv/{key:.+}", self._kv_delete)
         # Like Consul, give up a blocking query whose client hung up.
         self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
@@ -380,3 +385,37 @@ class FakeConsulAgent:
             "Content-Type": "application/json",
         }
         return web.Response(status=200, text=json.dumps(self._entries(name, passing)), headers=headers)
+
+    # -- KV store (https://developer.hashicorp.com/consul/api-docs/kv) -----------------------------
+
+    async def _kv_put(self, request: web.Request) -> web.Response:
+        self.requests.append(("PUT", request.path))
+        self._bump()
+        self._kv[request.match_info["key"]] = (self._index, await request.read())
+        return web.json_response(True)
+
+    async def _kv_get(self, request: web.Request) -> web.Response:
+        self.requests.append(("GET", request.path))
+        key = request.match_info["key"]
+        recurse = "recurse" in request.query
+        hits = sorted(k for k in self._kv if (k.startswith(key) if recurse else k == key))
+        if not hits:
+            return web.Response(status=404, headers={"X-Consul-Index": str(self._index)})
+        body = [
+            {
+                "Key": k,
+                "Value": base64.b64encode(self._kv[k][1]).decode() if self._kv[k][1] else None,
+                "Flags": 0,
+                "CreateIndex": self._kv[k][0],
+                "ModifyIndex": self._kv[k][0],
+                "LockIndex": 0,
+            }
+            for k in hits
+        ]
+        return web.json_response(body, headers={"X-Consul-Index": str(self._index)})
+
+    async def _kv_delete(self, request: web.Request) -> web.Response:
+        self.requests.append(("DELETE", request.path))
+        if self._kv.pop(request.match_info["key"], None) is not None:
+            self._bump()
+        return web.json_response(True)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from discovery_helpers import (
+    check_kv_contract,
     check_watch_follows_changes,
     measure_register_to_watch,
     next_within,
@@ -179,3 +180,7 @@ async def test_cancelled_watch_is_clean(consul: ConsulDiscovery) -> None:
 
 async def test_register_and_watch_latency(consul: ConsulDiscovery) -> None:
     assert await measure_register_to_watch(consul, "svc.lat", "consul(fake)") < 0.5
+
+
+async def test_durable_state_kv(service_name: str, consul: ConsulDiscovery) -> None:
+    await check_kv_contract(consul, f"test/{service_name}/")

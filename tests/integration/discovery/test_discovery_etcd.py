@@ -12,6 +12,7 @@ from pathlib import Path
 import aetcd
 import pytest
 from discovery_helpers import (
+    check_kv_contract,
     check_watch_follows_changes,
     measure_register_to_watch,
     next_within,
@@ -247,3 +248,7 @@ def test_etcd_server_lifecycle(tmp_path: Path) -> None:
         assert pid is not None
     assert (kept / "etcd-data").is_dir(), "a given data dir is kept"
     assert server.pid is None
+
+
+async def test_durable_state_kv(service_name: str, etcd: EtcdDiscovery) -> None:
+    await check_kv_contract(etcd, f"test/{service_name}/")
