@@ -12,12 +12,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
-import resource
 import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from agentmesh.container import cgroups
 from agentmesh.container.process import run_process
@@ -44,6 +42,8 @@ BASE_ENV = {
 
 # the launcher and the sandbox's init count against the process cap too
 _LAUNCHER_PROCESSES = 3
+_SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+_PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
 
 
 def _default_root() -> Path:
@@ -95,40 +95,31 @@ class LocalSandbox(Sandbox):
                 memory_bytes=lim.memory_bytes,
             )
 
-    def _preexec(self) -> Any:
-        """The function the child runs between fork and exec: join the cgroup, set rlimits, drop to uid.
+    def wrap(self, command: list[str]) -> list[str]:
+        """``command`` prefixed with what confines it: join the cgroup, set rlimits, drop to the uid.
 
-        Only system calls here: no locks another thread of the parent could hold at fork time.
+        This is done by small programs that exec each other (``sh`` → ``prlimit`` → ``setpriv``),
+        not in a ``preexec_fn``: Python code between fork and exec in a process with gRPC's threads
+        can crash the child.
         """
         lim = self.spec.limits
-        procs_files = list(self.cgroup.procs_files) if self.cgroup is not None else []
         cpu = max(1, int(lim.cpu_time_s + 0.999))
+        limits = [f"--cpu={cpu}:{cpu + 1}", "--core=0"]
         # with a cgroup, memory is the cgroup's to enforce (the OOM killer says so clearly);
         # without one, each process's address space is the only bound there is
-        address_space = None if self.cgroup is not None else lim.memory_bytes
-        nproc = lim.max_processes + _LAUNCHER_PROCESSES
-        uid = self.uid
-
-        def preexec() -> None:
-            pid = str(os.getpid()).encode()
-            for f in procs_files:
-                fd = os.open(f, os.O_WRONLY)
-                try:
-                    os.write(fd, pid)
-                finally:
-                    os.close(fd)
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if address_space is not None:
-                resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-            if uid is not None:
-                # a uid of its own: RLIMIT_NPROC counts exactly this sandbox's processes
-                resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-
-        return preexec
+        if self.cgroup is None:
+            limits.append(f"--as={lim.memory_bytes}")
+        out = command
+        if self.uid is not None:
+            # a uid of its own: RLIMIT_NPROC counts exactly this sandbox's processes
+            nproc = lim.max_processes + _LAUNCHER_PROCESSES
+            limits.append(f"--nproc={nproc}")
+            out = [_SETPRIV, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--", *out]
+        out = [_PRLIMIT, *limits, "--", *out]
+        if self.cgroup is not None:
+            joins = "; ".join(f'echo $$ > "{f}"' for f in self.cgroup.procs_files)
+            out = ["/bin/sh", "-c", f'{joins} && exec "$@"', "sandbox-launch", *out]
+        return out
 
     async def _kill_rest(self) -> None:
         if self.cgroup is not None:
@@ -150,7 +141,7 @@ class LocalSandbox(Sandbox):
         lim = self.spec.limits
         timeout = min(lim.wall_time_s, timeout_s) if timeout_s and timeout_s > 0 else lim.wall_time_s
         full_env = {**BASE_ENV, **self.spec.env, **(env or {})}
-        command = self._backend.command(self, list(argv), full_env, cwd)
+        command = self.wrap(self._backend.command(self, list(argv), full_env, cwd))
         if self.cgroup is not None:
             self.cgroup.oom_killed_since_last_check()
         result = await run_process(
@@ -159,7 +150,6 @@ class LocalSandbox(Sandbox):
             env=self._backend.launcher_env(),
             timeout_s=timeout,
             output_bytes=lim.output_bytes,
-            preexec_fn=self._preexec(),
             kill=self._kill_rest,
         )
         # nothing of an exec outlives it: background processes it left are killed too

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from agentmesh.container.backends import BACKENDS, get_backend, unavailable_reason
 from agentmesh.container.sandbox import SandboxBackend
+from agentmesh.discovery.etcd_server import EtcdServer
 
 ALL_BACKENDS = sorted(BACKENDS)
 
@@ -40,4 +42,22 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SandboxBacken
     b = get_backend(request.param, root=root)
     yield b
     await b.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer(fast=True) as server:
+        yield server
+
+
+@pytest.fixture
+def registry_name() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def sandbox_roots() -> Iterator[Path]:
+    root = sandbox_root("holders")
+    yield root
     shutil.rmtree(root, ignore_errors=True)
