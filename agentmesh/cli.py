@@ -14,6 +14,7 @@ import sys
 import time
 
 from agentmesh import __version__
+from agentmesh.container_cli import add_container_commands
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.llm_cli import add_cluster_commands, add_llm_commands
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     add_llm_commands(sub)
     add_cluster_commands(sub)
+    add_container_commands(sub)
     return parser
 
 
