@@ -72,6 +72,7 @@ LLM_BACKENDS = ("vllm-cpu", "simulator", "openai-compatible", "openai", "azure",
 EXTERNAL_LLM_BACKENDS = ("openai-compatible", "openai", "azure", "gemini")
 """Backends that are an API somewhere (``base_url``), not replicas agentmesh starts."""
 PROGRAM_KINDS = ("sequential", "loop_until", "state_machine")
+SANDBOX_BACKENDS = ("bubblewrap", "nsjail", "podman")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
@@ -198,6 +199,8 @@ class RoleConfig:
     """Ray CPUs reserved per replica actor."""
     llm: str | None = None
     """Key of the entry of ``llms`` this role calls, if any."""
+    container: bool = False
+    """The role runs commands in its task's sandbox (see ``containers``)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Passed to the role's constructor."""
 
@@ -299,6 +302,31 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ContainersConfig:
+    """Sandboxes for roles with ``container: true``: a registry and holders the run starts (or an
+    existing registry of the cluster, by name)."""
+
+    backend: str = field(default="bubblewrap", metadata=_meta(choices=SANDBOX_BACKENDS))
+    """Sandbox backend: bubblewrap (default), nsjail or podman."""
+    registry: str | None = None
+    """Name of a registry already serving in discovery; None: the run starts its own."""
+    holders: int = field(default=1, metadata=_meta(ge=1))
+    """Holder actors the run starts (each keeps up to ``capacity`` sandboxes)."""
+    capacity: int = field(default=128, metadata=_meta(ge=1))
+    """Sandboxes one holder keeps at most."""
+    pool: int = field(default=8, metadata=_meta(ge=0))
+    """Warm sandboxes kept ready, so that acquiring one is fast."""
+    image: str = "default"
+    """Image of the sandboxes (``default``: the backend's own)."""
+    lease_s: float = field(default=300.0, metadata=_meta(gt=0))
+    """A sandbox unused this long is reclaimed (every exec renews it)."""
+    limits: dict[str, Any] = field(default_factory=dict)
+    """Per-sandbox limits: cpu_time_s, memory_bytes, max_processes, wall_time_s, output_bytes, network."""
+    num_cpus: float = field(default=0.05, metadata=_meta(ge=0))
+    """Ray CPUs reserved per holder and for the registry."""
+
+
+@dataclass(frozen=True)
 class DiscoveryConfig:
     """The service discovery store."""
 
@@ -354,6 +382,8 @@ class RunConfig:
     """Where the dataset goes."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Back-pressure, retries, deadlines."""
+    containers: ContainersConfig = field(default_factory=ContainersConfig)
+    """Sandboxes for tool-running roles."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     """Service discovery."""
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -661,6 +691,13 @@ def _cross_check(cfg: RunConfig, raw: Mapping[str, Any], ctx: _Context) -> None:
         if role.llm is not None and role.llm not in cfg.llms:
             known = ", ".join(sorted(cfg.llms)) or "none defined"
             raise ctx.error(f"roles.{name}.llm", f"expected a key of llms ({known}), got {role.llm!r}")
+    if cfg.containers.limits:
+        from agentmesh.container.sandbox import Limits, SandboxError
+
+        try:
+            Limits.from_mapping(cfg.containers.limits)
+        except SandboxError as exc:
+            raise ctx.error("containers.limits", str(exc).removeprefix("limits: ")) from None
     for name, llm in cfg.llms.items():
         required = {"openai-compatible": ("base_url",), "azure": ("base_url", "deployment", "api_version")}
         for key in required.get(llm.backend, ()):

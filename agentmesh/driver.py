@@ -30,6 +30,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from agentmesh.agent.payload import PayloadStore
 from agentmesh.agent.peers import PeerRouter, agent_service, server_options
+from agentmesh.agent.role import CONTAINER_RESOURCE
 from agentmesh.agent.routing import SINK, RoutingProgram
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import RpcError
@@ -63,6 +64,9 @@ class RunProgress:
     failures_by_code: dict[str, int] = field(default_factory=dict)
     llm: list[dict[str, Any]] = field(default_factory=list)
     """Per model and replica: LLM requests, errors, tokens, latency and TTFT (filled at the end)."""
+    sandboxes_released: int = 0  # sandboxes the sink gave back for finished or failed tasks
+    sandboxes: dict[str, Any] = field(default_factory=dict)
+    """The run's sandbox registry at the end: created, reclaimed, released (filled at the end)."""
 
     @property
     def finished(self) -> int:
@@ -124,6 +128,7 @@ class RunDriver:
         max_message_bytes: int = 16 * 1024 * 1024,
         discovery_ttl_s: float = 5.0,
         admission_concurrency: int = 256,
+        containers: Any | None = None,  # agentmesh.container.client.ContainerClient
     ) -> None:
         self.run_id = run_id
         self.program = program
@@ -156,6 +161,8 @@ class RunDriver:
         self._registration: Registration | None = None
         self._health = health.aio.HealthServicer()
         self._background: set[asyncio.Task[Any]] = set()
+        self._containers = containers
+        self._releases: set[asyncio.Task[Any]] = set()
         self.address = ""
 
     # -- sink service -------------------------------------------------------------------------
@@ -214,7 +221,21 @@ class RunDriver:
         self._credits.release()
         if self._payloads is not None and contents:
             self._spawn(self._payloads.release(orch.task_id))
+        if self._containers is not None:
+            for res in orch.resources:
+                if res.kind == CONTAINER_RESOURCE:  # what a finished or failed task still holds
+                    t = self._spawn(self._release_container(orch.task_id, res.id))
+                    self._releases.add(t)
+                    t.add_done_callback(self._releases.discard)
         self._check_done()
+
+    async def _release_container(self, task_id: str, container_id: str) -> None:
+        assert self._containers is not None
+        try:
+            if await self._containers.release(container_id):
+                self.progress.sandboxes_released += 1
+        except Exception as exc:  # its lease reclaims it anyway
+            log.warning("task %s: releasing sandbox %s failed: %s", task_id, container_id, exc)
 
     def _check_done(self) -> None:
         if self._source_done and not self._in_flight and not self._admitting:
@@ -260,6 +281,9 @@ class RunDriver:
         return self.address
 
     async def stop(self) -> None:
+        # sandboxes of the last tasks are being given back: let that finish (bounded) first
+        if self._releases:
+            await asyncio.wait(set(self._releases), timeout=30.0)
         for t in list(self._background):
             t.cancel()
         if self._registration is not None:

@@ -201,6 +201,48 @@ async def _register_external_llms(cfg: RunConfig, discovery: Any) -> list[Any]:
     return registrations
 
 
+def _uses_containers(cfg: RunConfig) -> bool:
+    return any(r.container for r in cfg.roles.values())
+
+
+def _start_containers(
+    cfg: RunConfig, run_id: str, discovery_url: str, say: Callable[[str], None]
+) -> dict[str, list[Any]]:
+    """The run's own sandbox holders and registry (named after the run), as Ray actors."""
+    import ray
+
+    from agentmesh.container.host import service_actor_class
+
+    c = cfg.containers
+    actor_cls = service_actor_class()
+    say(f"starting {c.holders} sandbox holder(s) ({c.backend}) and a registry with {c.pool} warm ...")
+    t0 = time.monotonic()
+    holders = [
+        actor_cls.options(  # type: ignore[attr-defined]
+            num_cpus=c.num_cpus, max_restarts=-1, name=f"agentmesh-{run_id}-holder-{i}"
+        ).remote("holder", discovery_url, {"registry_name": run_id, "capacity": c.capacity})
+        for i in range(c.holders)
+    ]
+    ray.get([h.address.remote() for h in holders], timeout=120)
+    registry = actor_cls.options(  # type: ignore[attr-defined]
+        num_cpus=c.num_cpus, max_restarts=-1, name=f"agentmesh-{run_id}-registry"
+    ).remote(
+        "registry",
+        discovery_url,
+        {
+            "name": run_id,
+            "pools": {f"{c.backend}:{c.image}": c.pool},
+            "default_backend": c.backend,
+            "default_lease_s": c.lease_s,
+            "limits": dict(c.limits),
+        },
+    )
+    ray.get(registry.address.remote(), timeout=120)
+    say(f"sandboxes ready in {time.monotonic() - t0:.1f}s")
+    # the registry stops first (it destroys its warm pool through the holders), then the holders
+    return {"registry": [registry], "holders": holders}
+
+
 def _start_roles(cfg: RunConfig, run_id: str, discovery_url: str) -> dict[str, list[Any]]:
     import ray
 
@@ -284,6 +326,10 @@ def run_pipeline(
         llm_actors: dict[str, list[Any]] = {}
         stack.callback(lambda: _kill_all(llm_actors))
         llm_actors.update(_start_llms(cfg, discovery_url, say))
+        container_actors: dict[str, list[Any]] = {}
+        stack.callback(lambda: _kill_all(container_actors))
+        if _uses_containers(cfg) and cfg.containers.registry is None:
+            container_actors.update(_start_containers(cfg, run_id, discovery_url, say))
         role_actors: dict[str, list[Any]] = {}
         stack.callback(lambda: _kill_all(role_actors))
         t0 = time.monotonic()
@@ -335,6 +381,16 @@ async def _drive(
 
     discovery = connect(discovery_url)
     external = await _register_external_llms(cfg, discovery)
+    containers = None
+    container_cache = None
+    if _uses_containers(cfg):
+        from agentmesh.container.client import ContainerClient
+        from agentmesh.discovery import EndpointCache
+
+        container_cache = EndpointCache(discovery)
+        containers = ContainerClient(
+            run_id, endpoints=container_cache, registry_name=cfg.containers.registry or run_id
+        )
     tasks: Iterator[tuple[str, int, dict[str, Any]]] = (
         t for t in iter_dataset(cfg.dataset) if t[0] not in done
     )
@@ -353,6 +409,7 @@ async def _drive(
         recovery_interval_s=cfg.limits.recovery_interval_s,
         max_message_bytes=cfg.limits.max_message_bytes,
         discovery_ttl_s=cfg.discovery.ttl_s,
+        containers=containers,
     )
     await driver.start()
     handle.driver = driver
@@ -375,9 +432,26 @@ async def _drive(
         if on_progress is not None:
             on_progress(driver.progress)
         await driver.stop()
+        if containers is not None:
+            await _close_containers(containers, driver.progress)
+        if container_cache is not None:
+            await container_cache.close()
         for reg in external:
             await reg.close()
         await discovery.close()
+
+
+async def _close_containers(containers: Any, progress: RunProgress) -> None:
+    """Give back whatever the run still holds (tasks lost with a replica), note the registry's counts."""
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        left = await containers.release_all()
+        pools = MessageToDict(await containers.pools(), always_print_fields_with_no_presence=True)
+        progress.sandboxes = {**pools, "released_at_end": left}
+    except Exception as exc:
+        log.warning("sandboxes: the end-of-run release failed (%s); leases reclaim them", exc)
+    await containers.close()
 
 
 def _kill_all(actors: dict[str, list[Any]]) -> None:
@@ -427,5 +501,7 @@ def _write_summary(out_dir: Path, run_id: str, p: RunProgress) -> None:
         "tokens_per_s": round(p.tokens_per_s, 2),
         "completion_tokens_per_s": round(p.completion_tokens_per_s, 2),
         "llm": p.llm,
+        "sandboxes_released": p.sandboxes_released,
+        "sandboxes": p.sandboxes,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -70,6 +70,14 @@ class ReplicaHost:
 
             llm = LlmClient(cfg.llms[role.llm].model, cache, measure_ttft=LLM_MEASURE_TTFT)
         self._llm = llm
+        containers = None
+        if role.container:
+            from agentmesh.container.client import ContainerClient
+
+            # the run is the client: any replica may release what another acquired for a task
+            containers = ContainerClient(
+                run_id, endpoints=cache, registry_name=cfg.containers.registry or run_id
+            )
         limits = cfg.limits
         self.replica = AgentReplica(
             role_name=self._role_name,
@@ -90,6 +98,7 @@ class ReplicaHost:
             params=role.params,
             payloads=RayPayloadStore(run_id),
             llm=llm,
+            containers=containers,
             host=self._run.get("host", "127.0.0.1"),
             replica_id=f"{self._role_name}-{self._index}-{os.getpid()}",
             discovery_ttl_s=cfg.discovery.ttl_s,

@@ -98,6 +98,7 @@ class AgentReplica:
         params: Mapping[str, Any] | None = None,
         payloads: PayloadStore | None = None,
         llm: Any | None = None,
+        containers: Any | None = None,
         host: str = "127.0.0.1",
         advertise_host: str | None = None,
         replica_id: str | None = None,
@@ -114,7 +115,7 @@ class AgentReplica:
         self._host = host
         self._advertise_host = advertise_host or host
         self._ttl_s = discovery_ttl_s
-        self._ctx = RoleContext(role_name, self.replica_id, run_id, dict(params or {}), llm)
+        self._ctx = RoleContext(role_name, self.replica_id, run_id, dict(params or {}), llm, containers)
         self._role = role_factory(self._ctx)
         self._inbox: asyncio.Queue[tuple[pb.Orchestrator, float]] = asyncio.Queue(self.limits.inbox)
         self._held: Counter[str] = Counter()

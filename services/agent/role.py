@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING, Any
 from agentmesh.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
+    from agentmesh.container.client import ContainerClient, SandboxRef
     from agentmesh.llm_gateway.client import LlmClient
 
-__all__ = ["Role", "RoleContext", "Task"]
+__all__ = ["CONTAINER_RESOURCE", "Role", "RoleContext", "Task"]
+
+#: ``HeldResource.kind`` of a sandbox a task holds
+CONTAINER_RESOURCE = "container"
 
 PayloadFetcher = Callable[[pb.PayloadRef], Awaitable[str]]
 
@@ -32,6 +36,7 @@ class RoleContext:
     run_id: str
     params: Mapping[str, Any] = field(default_factory=dict)
     llm: LlmClient | None = None
+    containers: ContainerClient | None = None
 
 
 class Role:
@@ -45,6 +50,30 @@ class Role:
         if self.ctx.llm is None:
             raise RuntimeError(f"role {self.ctx.name!r} has no `llm` in its config")
         return self.ctx.llm
+
+    @property
+    def containers(self) -> ContainerClient:
+        if self.ctx.containers is None:
+            raise RuntimeError(
+                f"role {self.ctx.name!r} has no sandboxes: set `container: true` in its config"
+            )
+        return self.ctx.containers
+
+    async def sandbox(self, task: Task, *, image: str = "default") -> SandboxRef:
+        """The task's sandbox: the one it already holds, or a new one it holds from now on.
+
+        The sandbox travels with the task as a ``HeldResource`` (its id and holder), so every role
+        after this one finds the same sandbox, and the sink releases it when the task ends.
+        """
+        from agentmesh.container.client import SandboxRef
+
+        for res in task.orchestrator.resources:
+            if res.kind == CONTAINER_RESOURCE:
+                self.containers.remember(res.id, res.holder)
+                return SandboxRef(res.id, res.holder)
+        ref = await self.containers.acquire(image)
+        task.orchestrator.resources.add(kind=CONTAINER_RESOURCE, id=ref.id, holder=ref.holder_address)
+        return ref
 
     async def setup(self) -> None:
         """Called once per replica before the first step."""
