@@ -55,19 +55,26 @@ class UidPool:
             self._next = (self._next + 1) % self.count
             if uid in self._mine:
                 continue
-            path = self.lock_dir / str(uid)
+            if self._try(uid):
+                return uid
+        raise SandboxError(f"no free sandbox uid in [{self.first}, {self.first + self.count})")
+
+    def _try(self, uid: int) -> bool:
+        path = self.lock_dir / str(uid)
+        for _ in range(2):  # a stale claim is removed, then the uid tried once more
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             except FileExistsError:
-                if self._stale(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                if not self._stale(path):
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(str(os.getpid()))
             self._mine.add(uid)
-            return uid
-        raise SandboxError(f"no free sandbox uid in [{self.first}, {self.first + self.count})")
+            return True
+        return False
 
     def _stale(self, path: Path) -> bool:
         try:
