@@ -42,6 +42,7 @@ BASE_ENV = {
 
 # the launcher and the sandbox's init count against the process cap too
 _LAUNCHER_PROCESSES = 3
+SCRATCH_MOUNT = "/work"
 _SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 _PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
 
@@ -191,6 +192,16 @@ class LocalBackend(SandboxBackend):
         if self.uids is not None:
             _check_traversable(self.root)
         self.use_cgroups = use_cgroups and self.is_root and cgroups.cgroups_unavailable_reason() is None
+        # the sandbox's scratch is mounted at /work over the host's read-only root, and a mount
+        # point cannot be made on a read-only tree: the host must have the (empty) directory
+        if not os.path.isdir(SCRATCH_MOUNT):
+            try:
+                os.mkdir(SCRATCH_MOUNT, 0o755)
+            except OSError as exc:
+                raise SandboxError(
+                    f"sandboxes mount their scratch at {SCRATCH_MOUNT}, which this host lacks and "
+                    f"cannot create ({exc.strerror}): create it once as root (mkdir {SCRATCH_MOUNT})"
+                ) from None
         self._sandboxes: dict[str, LocalSandbox] = {}
 
     @abc.abstractmethod
