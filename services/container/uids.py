@@ -36,12 +36,12 @@ class UidPool:
 
     def __init__(
         self,
-        lock_dir: str | Path = "/tmp/agentmesh-uids",
+        lock_dir: str | Path | None = None,
         *,
         first: int = DEFAULT_FIRST,
         count: int = DEFAULT_COUNT,
     ) -> None:
-        self.lock_dir = Path(lock_dir)
+        self.lock_dir = Path(lock_dir or os.environ.get("AGENTMESH_UID_LOCK_DIR", "/tmp/agentmesh-uids"))
         self.first = first
         self.count = count
         self._next = 0

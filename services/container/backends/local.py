@@ -188,7 +188,9 @@ class LocalBackend(SandboxBackend):
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
         self.is_root = os.geteuid() == 0
-        self.uids = UidPool(self.root / ".uids") if self.is_root else None
+        # one lock directory per machine, whatever the root: holders side by side must never hand
+        # the same uid to two sandboxes (they would share files and the process cap)
+        self.uids = UidPool() if self.is_root else None
         if self.uids is not None:
             _check_traversable(self.root)
         self.use_cgroups = use_cgroups and self.is_root and cgroups.cgroups_unavailable_reason() is None
