@@ -8,11 +8,11 @@ to the registry on its next ``Inventory`` call. The holder registers in discover
 (``container.holder.<registry name>``); if it dies, the registry drops what it held.
 
 Why many sandboxes per holder rather than one Ray actor per sandbox: a sandbox is a few kernel
-objects and a directory (see :mod:`agentmesh.container.backends.local`), while a Ray actor is a
-Python process (~124 MB RSS, ~0.66 s from creation to a sandbox's first exec on a 2-core machine,
-measured by ``bench/sandbox.py``), while a held sandbox costs the holder ~2 KB (and the kernel
-~40 KB); a hundred sandboxes as a hundred actors cost 6.7 GB and half a minute to start here. The holder is still a Ray actor, so Ray places
-it, restarts it, and accounts for it.
+objects and a directory (see :mod:`agentmesh.container.backends.local`). A held sandbox costs its
+holder ~2 KB (and the kernel ~40 KB), where a Ray actor is a Python process of ~124 MB that takes
+~0.66 s from creation to a sandbox's first exec on a 2-core machine (``bench/sandbox.py``); a
+hundred sandboxes as a hundred actors cost 6.7 GB and half a minute to start here. The holder is
+still a Ray actor, so Ray places it, restarts it, and accounts for it.
 """
 
 from __future__ import annotations
