@@ -19,8 +19,10 @@ seccomp, rlimits, cgroup); only argv, cwd, env and the uid are given per exec.
 
 The container's cgroup is where the backend looks after each exec: its ``oom_kill`` counter says
 whether the kernel's OOM killer ended the exec (``KILLED_MEMORY``), and its process list is how an
-exec's leftovers are killed (everything but pid 1) when the exec times out or when the last exec in
-flight ends; killing the ``runc``/``podman exec`` client alone would not stop the command inside.
+exec's leftovers are killed (everything but pid 1): when an exec times out (concurrent execs of the
+same sandbox go with it, as in the other backends), and once no exec's command runs any more (a
+background process an exec started outlives it only while another exec's command still runs).
+Killing the ``runc``/``podman exec`` client alone would not stop the command inside.
 
 The default image, ``agentmesh-sandbox:bookworm`` (Debian bookworm minbase with python3), is built
 offline by ``deploy/install_sandboxes.sh``; ``SandboxSpec.image`` may name any other image podman
@@ -39,7 +41,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,6 +332,10 @@ class PodmanSandbox(Sandbox):
         self._backend = backend
         self._in_flight = 0
         self._exec_seq = 0
+        self._running = 0  # execs whose command may still run
+        self._sweeps = 0
+        self._sweep_idle = asyncio.Event()
+        self._sweep_idle.set()
         self._destroyed = False
         self._revive_lock = asyncio.Lock()
 
@@ -404,19 +410,28 @@ class PodmanSandbox(Sandbox):
         return podman_exec_command(self._backend.podman, self.name, argv, uid=self.uid, env=env, cwd=cwd)
 
     async def _sweep(self) -> None:
-        """Kill whatever execs left running (all but the container's pid 1)."""
-        if self.cgroup is not None:
-            await asyncio.to_thread(_kill_all_but_init, self.cgroup)
-        else:  # no cgroup found: from inside, kill(-1) reaches every process of the uid but pid 1
-            await run_process(
-                self._command(["sh", "-c", "kill -9 -1"], {}, "/"),
-                env=_CLIENT_ENV,
-                timeout_s=10.0,
-                output_bytes=_CONTROL_OUTPUT_BYTES,
-            )
+        """Kill every process of the sandbox but its pid 1. New execs wait until it is done."""
+        self._sweeps += 1
+        self._sweep_idle.clear()
+        try:
+            if self.cgroup is not None:
+                await asyncio.to_thread(_kill_all_but_init, self.cgroup)
+            else:  # no cgroup found: from inside, kill(-1) reaches every process of the uid but pid 1
+                await run_process(
+                    self._command(["sh", "-c", "kill -9 -1"], {}, "/"),
+                    env=_CLIENT_ENV,
+                    timeout_s=10.0,
+                    output_bytes=_CONTROL_OUTPUT_BYTES,
+                )
+        finally:
+            self._sweeps -= 1
+            if self._sweeps == 0:
+                self._sweep_idle.set()
 
-    async def _end_leftovers(self, pid_file: Path) -> None:
-        """Once an exec's command has exited, kill what it left running.
+    async def _end_leftovers(
+        self, pid_file: Path, command_ended: Callable[[], bool], sweeping: asyncio.Event
+    ) -> None:
+        """Once an exec's command has exited, and no other exec's command runs, kill what is left.
 
         ``runc exec`` copies the command's output through pipes of its own and returns only when
         every holder of them has closed them: a background process the command started would keep
@@ -447,7 +462,8 @@ class PodmanSandbox(Sandbox):
             finally:
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
-        if self._in_flight == 1:  # what is left is this exec's (another exec's would be killed too)
+        if command_ended():  # no command of any exec runs: what is left are leftovers
+            sweeping.set()  # from here on the exec waits for the sweep instead of cancelling it
             await self._sweep()
 
     async def _revive(self) -> None:
@@ -497,7 +513,25 @@ class PodmanSandbox(Sandbox):
                     self.cgroup.oom_killed_since_last_check()
                 self._exec_seq += 1
                 pid_file = self.root / f"exec-{self._exec_seq}.pid" if self.via_runc else None
-                watcher = asyncio.create_task(self._end_leftovers(pid_file)) if pid_file is not None else None
+                # a sweep in progress would kill this exec's command: wait, then count it as running
+                # (no await between the two, so no sweep starts in between)
+                await self._sweep_idle.wait()
+                self._running += 1
+                running = [True]
+
+                def command_ended(running: list[bool] = running) -> bool:
+                    """Count this exec's command as ended (once); True if no command runs now."""
+                    if running[0]:
+                        running[0] = False
+                        self._running -= 1
+                    return self._running == 0
+
+                sweeping = asyncio.Event()
+                watcher = (
+                    asyncio.create_task(self._end_leftovers(pid_file, command_ended, sweeping))
+                    if pid_file is not None
+                    else None
+                )
                 try:
                     result = await run_process(
                         self._command(argv, env, cwd, pid_file),
@@ -508,8 +542,12 @@ class PodmanSandbox(Sandbox):
                         kill=self._sweep,
                     )
                 finally:
+                    command_ended()
                     if watcher is not None:
-                        watcher.cancel()
+                        if sweeping.is_set():  # a sweep thread must not outlive the exec into the next one
+                            await asyncio.wait({watcher})
+                        else:
+                            watcher.cancel()
                     if pid_file is not None:
                         with contextlib.suppress(OSError):
                             pid_file.unlink()
@@ -519,8 +557,8 @@ class PodmanSandbox(Sandbox):
                 await self._revive()  # the command never started: start the container, run it once more
         finally:
             self._in_flight -= 1
-        if self._in_flight == 0 and not self._destroyed:
-            # nothing of an exec outlives it, unless another exec of the sandbox still runs
+        if self._running == 0 and not self._destroyed:
+            # nothing of an exec outlives it, unless another exec's command still runs
             await self._sweep()
         if not result.killed:
             if self.cgroup is not None and self.cgroup.oom_killed_since_last_check():
