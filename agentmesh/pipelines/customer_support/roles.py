@@ -144,7 +144,7 @@ class Customer(Role):
             messages,
             max_tokens=int(self.ctx.params.get("max_tokens", 60)),
             temperature=float(self.ctx.params.get("temperature", 0.7)),
-            seed=task.seed,
+            seed=task.seed + _count(task, "user_turns"),  # a new draw each turn
         )
         return result.text.strip() or STOP, (result.prompt_tokens, result.completion_tokens)
 
@@ -165,7 +165,7 @@ class Assistant(Role):
                 self._messages(task),
                 max_tokens=int(p.get("max_tokens", 96)),
                 temperature=float(p.get("temperature", 0.2)),
-                seed=task.seed + calls,
+                seed=task.seed + calls + 1000 * _count(task, "user_turns"),
             )
             text, usage = result.text.strip(), (result.prompt_tokens, result.completion_tokens)
         call = domain.parse_tool_call(text) if can_call else None
