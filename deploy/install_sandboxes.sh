@@ -115,7 +115,9 @@ tar -C "$rootfs" -c . | "${PODMAN[@]}" import \
   --change 'ENV=PATH=/usr/local/bin:/usr/bin:/bin' --change 'WORKDIR=/work' \
   --message "agentmesh sandbox image ($SUITE minbase + python3)" - "$IMAGE" >"$logdir/import.log" 2>&1 \
   || fail "podman import $IMAGE" "$logdir/import.log"
-"${PODMAN[@]}" run --rm --runtime runc --network none --ulimit nofile=20000:20000 "$IMAGE" \
+# podman's default nofile and nproc limits exceed this machine's hard limits, which runc may not raise
+"${PODMAN[@]}" run --rm --runtime runc --network none --user 65534:65534 \
+  --ulimit nofile=20000:20000 --ulimit nproc=1024:1024 "$IMAGE" \
   python3 -c "import sqlite3" >"$logdir/run.log" 2>&1 \
   || fail "podman run $IMAGE python3 -c 'import sqlite3'" "$logdir/run.log"
 log "image: $IMAGE built and checked in $((SECONDS - t0)) s"
