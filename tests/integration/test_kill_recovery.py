@@ -117,13 +117,38 @@ def _write_config(tmp_path: Path, base_url: str) -> Path:
     return cfg
 
 
+def _pids_with_env(mark: bytes) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if mark in (d / "environ").read_bytes().split(b"\0"):
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+async def _wait_gone(mark: bytes, *, timeout_s: float) -> None:
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    survivors = len(_pids_with_env(mark))
+    while _pids_with_env(mark):
+        assert time.monotonic() < deadline, f"processes of the killed run still alive: {_pids_with_env(mark)}"
+        await asyncio.sleep(0.1)
+    print(f"\n{survivors} process(es) of the killed run outlived the kill by {time.monotonic() - t0:.1f}s")
+
+
 async def test_sigkill_whole_run_then_resume_exactly_once(tmp_path: Path) -> None:
     sim = await _serve_sim()
     try:
         config = _write_config(tmp_path, sim.base_url)
         cmd = [sys.executable, "-m", "agentmesh.cli", "run", str(config), "-q"]
         env = dict(os.environ, GRPC_VERBOSITY="ERROR")
-        proc = await asyncio.create_subprocess_exec(*cmd, env=env, start_new_session=True, cwd=tmp_path)
+        # every process of the first run (its Ray workers too) inherits this mark
+        mark = f"AGENTMESH_TEST_RUN_MARK=first-{os.getpid()}-{time.monotonic_ns()}"
+        first_env = dict(env, AGENTMESH_TEST_RUN_MARK=mark.partition("=")[2])
+        proc = await asyncio.create_subprocess_exec(*cmd, env=first_env, start_new_session=True, cwd=tmp_path)
         out = tmp_path / "out" / "records.jsonl"
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -135,7 +160,10 @@ async def test_sigkill_whole_run_then_resume_exactly_once(tmp_path: Path) -> Non
         await proc.wait()
         first = [r for r in read_records(tmp_path / "out")]
         assert 8 <= len(first) < 30, len(first)
-        # requests the killed run left behind still finish on the simulator: let them, then count
+        # Ray workers of the killed run are not in its process group: they outlive the kill until
+        # they notice their raylet is gone, and may still send requests meanwhile. Wait for them
+        # to be gone, then let the requests they left finish on the simulator, then count.
+        await _wait_gone(mark.encode(), timeout_s=90)
         while sim.stats()["running"] or sim.stats()["waiting"]:
             await asyncio.sleep(0.05)
         served_before = sim.stats()["generation_tokens"]
