@@ -134,3 +134,27 @@ async def test_sigkilled_registry_restarts_with_every_mapping(
     )
     await close()  # type: ignore[operator]
     await close2()  # type: ignore[operator]
+
+
+async def test_cli_run_and_status(
+    etcd: EtcdServer, registry_name: str, services: dict[str, asyncio.subprocess.Process]
+) -> None:
+    common = ("--name", registry_name, "--discovery", etcd.url)
+    run = await asyncio.create_subprocess_exec(
+        *_container_cmd("run", *common, "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(run.communicate(), 60)
+    assert (run.returncode, out, err) == (3, b"hi\n", b"oops\n")
+    status = await asyncio.create_subprocess_exec(
+        *_container_cmd("status", *common), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(status.communicate(), 60)
+    data = json.loads(out)
+    assert data["pools"]["holders"] == 1 and data["leases"] == []  # `run` gave its sandbox back
+    bad = await asyncio.create_subprocess_exec(
+        *_container_cmd("registry", *common, "--pool", "bubblewrap"), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(bad.communicate(), 60)
+    assert bad.returncode == 2 and b"--pool" in err and len(err.strip().splitlines()) == 1
