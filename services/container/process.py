@@ -16,7 +16,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from subprocess import SubprocessError
-from typing import Any
 
 from agentmesh.container.sandbox import KILLED_WALL, ExecResult, SandboxError
 
@@ -59,7 +58,6 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     timeout_s: float,
     output_bytes: int,
-    preexec_fn: Callable[[], Any] | None = None,
     kill: Callable[[], Awaitable[None]] | None = None,
 ) -> ExecResult:
     """Run ``argv`` (in a new session) and return how it ended.
@@ -77,7 +75,6 @@ async def run_process(
             stderr=asyncio.subprocess.PIPE,
             env=dict(env) if env is not None else None,
             start_new_session=True,
-            preexec_fn=preexec_fn,
             limit=_CHUNK,
         )
     except (OSError, ValueError, SubprocessError) as exc:

@@ -291,8 +291,8 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
             return
         self.stats["reclaimed"] += len(inv.reclaimed)
         present = {s.container_id: s for s in inv.sandboxes}
-        creating = {cid for cid, where in self._where.items() if where == hid and cid not in present}
-        for cid in list(creating):
+        missing = [cid for cid, where in self._where.items() if where == hid and cid not in present]
+        for cid in missing:  # sandboxes still being created are neither leased nor pooled yet
             if cid in self._leases or cid in self._pool_of:  # it was there and is gone now
                 self._forget(cid, reason="lease expired" if cid in inv.reclaimed else "gone")
         for cid, s in present.items():
@@ -303,23 +303,18 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
                     # between the two): hand it over now
                     self._spawn(self._assign(h, lease))
                 continue
-            if s.client_id or cid in inv.reclaimed:
+            if s.client_id:
                 # handed out by a registry that did not live to record it: nobody can use it
-                self._spawn(self._destroy_unknown(h, cid))
+                self._spawn(self._destroy(cid, hid))
                 continue
             limits = limits_from_pb(s.limits, self._default_limits)
             pool = self._pool(s.backend, s.image, limits)
             self._where[cid] = hid
             self._pool_of[cid] = pool.key
             pool.warm.append((cid, hid))
-            h.used += 1
             self.stats["adopted_warm"] += 1
         # capacity is what the holder says it keeps, plus what we are creating there now
         h.used = sum(1 for where in self._where.values() if where == hid)
-
-    async def _destroy_unknown(self, h: _Holder, cid: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await h.host.Destroy(cpb.DestroyRequest(container_id=cid), timeout=10.0)
 
     async def _assign(self, h: _Holder, lease: cpb.Lease) -> None:
         await h.host.Assign(
