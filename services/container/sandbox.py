@@ -15,8 +15,10 @@ keeps serving.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from agentmesh.errors import AgentMeshError
@@ -31,6 +33,7 @@ __all__ = [
     "SandboxBackend",
     "SandboxError",
     "SandboxSpec",
+    "ScratchSandbox",
 ]
 
 #: ``ExecResult.killed`` values: which limit ended the exec.
@@ -135,6 +138,30 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def destroy(self) -> None:
         """Kill everything running in it and delete its scratch."""
+
+
+class ScratchSandbox(Sandbox):
+    """A sandbox whose private writable space is a directory on the host: ``root/work`` (mounted at
+    ``/work``) and ``root/tmp`` (at ``/tmp``), owned by the sandbox's uid. Every backend here keeps
+    its files that way, so the layout is defined once."""
+
+    root: Path
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def make_scratch(self, uid: int | None, *, own_root: bool) -> None:
+        """Create the directories (mode 0700); give them to ``uid``, ``root`` itself only if
+        ``own_root`` (the sandbox's launcher then walks down to its scratch as that uid)."""
+        for d in (self.root, self.work_dir, self.tmp_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if uid is not None and (own_root or d != self.root):
+                os.chown(d, uid, uid)
 
 
 class SandboxBackend(abc.ABC):

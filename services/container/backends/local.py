@@ -27,6 +27,7 @@ from agentmesh.container.sandbox import (
     SandboxBackend,
     SandboxError,
     SandboxSpec,
+    ScratchSandbox,
 )
 from agentmesh.container.uids import UidPool
 
@@ -61,7 +62,7 @@ def _check_traversable(root: Path) -> None:
             )
 
 
-class LocalSandbox(Sandbox):
+class LocalSandbox(ScratchSandbox):
     """A sandbox whose execs are host processes confined by a launcher (see the module docstring)."""
 
     def __init__(
@@ -75,19 +76,9 @@ class LocalSandbox(Sandbox):
         self.cgroup: cgroups.Cgroup | None = None
         self._destroyed = False
 
-    @property
-    def work_dir(self) -> Path:
-        return self.root / "work"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.root / "tmp"
-
     def _setup(self) -> None:
-        for d in (self.root, self.work_dir, self.tmp_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if self.uid is not None:
-                os.chown(d, self.uid, self.uid)
+        # the launcher runs as the sandbox's uid and must walk down to its scratch: it owns root too
+        self.make_scratch(self.uid, own_root=True)
         lim = self.spec.limits
         if self._backend.use_cgroups:
             self.cgroup = cgroups.create(

@@ -57,6 +57,7 @@ from agentmesh.container.sandbox import (
     SandboxBackend,
     SandboxError,
     SandboxSpec,
+    ScratchSandbox,
 )
 from agentmesh.container.uids import UidPool
 
@@ -313,7 +314,7 @@ def _kill_all_but_init(cg: cgroups.Cgroup, timeout_s: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-class PodmanSandbox(Sandbox):
+class PodmanSandbox(ScratchSandbox):
     """One sandbox: a waiting container, its scratch on the host, its uid (see the module docstring)."""
 
     def __init__(
@@ -339,20 +340,6 @@ class PodmanSandbox(Sandbox):
         self._destroyed = False
         self._revive_lock = asyncio.Lock()
 
-    @property
-    def work_dir(self) -> Path:
-        return self.root / "work"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.root / "tmp"
-
-    def _make_scratch(self) -> None:
-        for d in (self.root, self.work_dir, self.tmp_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for d in (self.work_dir, self.tmp_dir):
-            os.chown(d, self.uid, self.uid)
-
     def _locate(self) -> None:
         """Find the container's cgroup, pid 1 and runc state (after each start)."""
         self.cgroup = _container_cgroup(self.container_id)
@@ -365,7 +352,7 @@ class PodmanSandbox(Sandbox):
             log.warning("sandbox %s: container cgroup not found; OOM detection and sweeps are off", self.id)
 
     async def _start(self) -> None:
-        await asyncio.to_thread(self._make_scratch)
+        await asyncio.to_thread(self.make_scratch, self.uid, own_root=False)
         backend = self._backend
         cmd = run_command(
             backend.podman,
