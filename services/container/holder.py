@@ -28,12 +28,19 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from agentmesh.container.backends import get_backend
 from agentmesh.container.sandbox import Limits, Sandbox, SandboxBackend, SandboxError, SandboxSpec
-from agentmesh.container.wire import exec_reply, holder_service, limits_from_pb, limits_to_pb, validate_exec
+from agentmesh.container.wire import (
+    exec_reply,
+    holder_service,
+    limits_from_pb,
+    limits_to_pb,
+    set_serving,
+    start_server,
+    validate_exec,
+)
 from agentmesh.discovery import Discovery, Endpoint, Registration
 from agentmesh.v1 import container_pb2 as cpb
 from agentmesh.v1 import container_pb2_grpc as cgrpc
@@ -110,21 +117,16 @@ class SandboxHolder(cgrpc.ContainerServiceServicer, cgrpc.SandboxHostServicer):
     async def start(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
-        server = grpc.aio.server()
-        cgrpc.add_ContainerServiceServicer_to_server(self, server)
-        cgrpc.add_SandboxHostServicer_to_server(self, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (
-            cpb.DESCRIPTOR.services_by_name["ContainerService"].full_name,
-            cpb.DESCRIPTOR.services_by_name["SandboxHost"].full_name,
+        self._server, self.address, names = await start_server(
+            self,
+            {
+                "ContainerService": cgrpc.add_ContainerServiceServicer_to_server,
+                "SandboxHost": cgrpc.add_SandboxHostServicer_to_server,
+            },
+            self._health,
+            self._host,
         )
-        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{self._host}:0")
-        await server.start()
-        self._server = server
-        self.address = f"{self._host}:{port}"
-        for name in ("", *names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_serving(self._health, names)
         self._reaper = asyncio.create_task(self._reap_loop(), name=f"{self.holder_id}-reaper")
         self._registration = await self._discovery.register(
             Endpoint(

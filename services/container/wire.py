@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from agentmesh.container.sandbox import ExecResult, Limits, SandboxError
 from agentmesh.v1 import container_pb2 as cpb
@@ -16,6 +21,8 @@ __all__ = [
     "limits_from_pb",
     "limits_to_pb",
     "registry_service",
+    "set_serving",
+    "start_server",
     "validate_exec",
 ]
 
@@ -106,3 +113,32 @@ def validate_exec(req: cpb.ExecRequest) -> str | None:
 def status_for(exc: SandboxError) -> grpc.StatusCode:
     """The gRPC status a sandbox failure is answered with."""
     return grpc.StatusCode.FAILED_PRECONDITION if "destroyed" in str(exc) else grpc.StatusCode.INTERNAL
+
+
+async def start_server(
+    servicer: Any,
+    services: Mapping[str, Callable[[Any, grpc.aio.Server], None]],
+    health_servicer: health.aio.HealthServicer,
+    host: str,
+    port: int = 0,
+) -> tuple[grpc.aio.Server, str, tuple[str, ...]]:
+    """Start a server for ``servicer`` under each service of ``container.proto`` named in
+    ``services`` (name → its generated ``add_…_to_server``), with health and reflection.
+
+    Returns the server, its ``host:port`` and the services' full names. Health is left unset: the
+    caller says SERVING (:func:`set_serving`) once it is ready to serve.
+    """
+    server = grpc.aio.server()
+    for add in services.values():
+        add(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(cpb.DESCRIPTOR.services_by_name[n].full_name for n in services)
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, f"{host}:{bound}", names
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: tuple[str, ...]) -> None:
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

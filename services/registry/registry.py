@@ -33,12 +33,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from agentmesh.container.backends import BACKENDS, DEFAULT_BACKEND
 from agentmesh.container.sandbox import Limits, SandboxError
-from agentmesh.container.wire import holder_service, limits_from_pb, limits_to_pb, registry_service
+from agentmesh.container.wire import (
+    holder_service,
+    limits_from_pb,
+    limits_to_pb,
+    registry_service,
+    set_serving,
+    start_server,
+)
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import DiscoveryError
 from agentmesh.v1 import container_pb2 as cpb
@@ -157,23 +163,19 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
             self._where[lease.container_id] = lease.holder_id
         self._cache.add_listener(self._on_holders)
         await self._cache.subscribe(holder_service(self.name))
-        server = grpc.aio.server()
-        cgrpc.add_ContainerServiceServicer_to_server(self, server)
-        cgrpc.add_RegistryServicer_to_server(self, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (
-            cpb.DESCRIPTOR.services_by_name["ContainerService"].full_name,
-            cpb.DESCRIPTOR.services_by_name["Registry"].full_name,
+        self._server, self.address, names = await start_server(
+            self,
+            {
+                "ContainerService": cgrpc.add_ContainerServiceServicer_to_server,
+                "Registry": cgrpc.add_RegistryServicer_to_server,
+            },
+            self._health,
+            self._host,
+            self._port,
         )
-        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{self._host}:{self._port}")
-        await server.start()
-        self._server = server
-        self.address = f"{self._host}:{port}"
         # what the holders have now is the truth: reconcile before serving anyone
         await self._inventory_all()
-        for name in ("", *names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_serving(self._health, names)
         self._inventory_task = asyncio.create_task(self._inventory_loop(), name=f"registry-{self.name}")
         self._registration = await self._discovery.register(
             Endpoint(registry_service(self.name), f"registry-{self.name}", self.address, {"name": self.name}),
