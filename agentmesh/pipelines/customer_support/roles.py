@@ -58,6 +58,21 @@ def _count(task: Task, key: str) -> int:
     return int(task.results.get(key, "0") or 0)
 
 
+def _chat(task: Task, system: str, *, me: str) -> list[dict[str, str]]:
+    """The conversation as chat messages from ``me``'s side (``customer`` or ``assistant``): my turns
+    are the chat's assistant turns, the other side's its user turns; tool results are shown to the
+    agent only, as user turns."""
+    messages = [{"role": "system", "content": system}]
+    for kind, text in _conversation(task):
+        if kind == me:
+            messages.append({"role": "assistant", "content": text})
+        elif kind in ("customer", "assistant"):
+            messages.append({"role": "user", "content": text})
+        elif me == "assistant":
+            messages.append({"role": "user", "content": f"TOOL RESULT: {text}"})
+    return messages
+
+
 def _conversation(task: Task) -> list[tuple[str, str]]:
     """(kind, text) of the conversation so far: ``customer``, ``assistant``, ``tool``."""
     out = []
@@ -134,14 +149,8 @@ class Customer(Role):
             f"Your goal: {row.get('instructions', '')}\n"
             f"When your goal is met, or cannot be met, write {STOP} at the end of your message."
         )
-        messages = [{"role": "system", "content": system}]
-        for kind, text in _conversation(task):
-            if kind == "customer":
-                messages.append({"role": "assistant", "content": text})
-            elif kind == "assistant":
-                messages.append({"role": "user", "content": text})
         result = await self.llm.chat(
-            messages,
+            _chat(task, system, me="customer"),
             max_tokens=int(self.ctx.params.get("max_tokens", 60)),
             temperature=float(self.ctx.params.get("temperature", 0.7)),
             seed=task.seed + _count(task, "user_turns"),  # a new draw each turn
@@ -200,15 +209,7 @@ class Assistant(Role):
             "Tools (call one by writing a single line: CALL tool_name {json arguments}):\n"
             + domain.tools_prompt()
         )
-        messages = [{"role": "system", "content": system}]
-        for kind, text in _conversation(task):
-            if kind == "customer":
-                messages.append({"role": "user", "content": text})
-            elif kind == "assistant":
-                messages.append({"role": "assistant", "content": text})
-            else:
-                messages.append({"role": "user", "content": f"TOOL RESULT: {text}"})
-        return messages
+        return _chat(task, system, me="assistant")
 
 
 class StoreTools(ToolExecutor):
