@@ -59,11 +59,13 @@ async def run_process(
     timeout_s: float,
     output_bytes: int,
     kill: Callable[[], Awaitable[None]] | None = None,
+    cwd: str | None = None,
 ) -> ExecResult:
     """Run ``argv`` (in a new session) and return how it ended.
 
     At ``timeout_s`` the process group is SIGKILLed and ``kill`` (a backend's own sweep, e.g. of the
-    sandbox's cgroup) is awaited; the result then has ``killed == KILLED_WALL``. ``exit_code`` is
+    sandbox's cgroup) is awaited; the result then has ``killed == KILLED_WALL``. ``cwd`` is the
+    directory the launcher runs in (on the host; not the command's directory in the sandbox). ``exit_code`` is
     ``128 + signal`` for a process ended by a signal.
     """
     t0 = time.monotonic()
@@ -75,6 +77,7 @@ async def run_process(
             stderr=asyncio.subprocess.PIPE,
             env=dict(env) if env is not None else None,
             start_new_session=True,
+            cwd=cwd,
             limit=_CHUNK,
         )
     except (OSError, ValueError, SubprocessError) as exc:

@@ -409,6 +409,7 @@ class PodmanSandbox(ScratchSandbox):
                     env=_CLIENT_ENV,
                     timeout_s=10.0,
                     output_bytes=_CONTROL_OUTPUT_BYTES,
+                    cwd=self._backend.client_cwd,
                 )
         finally:
             self._sweeps -= 1
@@ -527,6 +528,7 @@ class PodmanSandbox(ScratchSandbox):
                         timeout_s=timeout,
                         output_bytes=lim.output_bytes,
                         kill=self._sweep,
+                        cwd=self._backend.client_cwd,
                     )
                 finally:
                     command_ended()
@@ -650,8 +652,19 @@ class PodmanBackend(SandboxBackend):
     async def podman_call(self, cmd: list[str], *, timeout_s: float = _CONTROL_TIMEOUT_S) -> ExecResult:
         """Run a podman control command (run, rm, start, inspect) to its end."""
         return await run_process(
-            cmd, env=_CLIENT_ENV, timeout_s=timeout_s, output_bytes=_CONTROL_OUTPUT_BYTES
+            cmd,
+            env=_CLIENT_ENV,
+            timeout_s=timeout_s,
+            output_bytes=_CONTROL_OUTPUT_BYTES,
+            cwd=self.client_cwd,
         )
+
+    @property
+    def client_cwd(self) -> str:
+        """Where podman and runc run on the host: the backend's own root, because runc writes an
+        ``oom`` marker file into its working directory when the OOM killer fires in a container
+        (it landed in the caller's directory before)."""
+        return str(self.root)
 
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
         container_name(sandbox_id)  # validates before anything is made

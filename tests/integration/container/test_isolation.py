@@ -8,6 +8,7 @@ AGENTMESH_REQUIRE_SANDBOXES=1 so that a backend missing from the machine fails i
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import uuid
 
@@ -99,12 +100,15 @@ async def test_fork_bomb_contained(backend: SandboxBackend) -> None:
 
 async def test_memory_hog_killed(backend: SandboxBackend) -> None:
     sb = await _sandbox(backend)
+    cwd_before = set(os.listdir("."))
     try:
         hog = "b = []\nwhile True:\n    b.append(bytearray(8 * 1024 * 1024))\n"
         r = await sb.exec(["python3", "-c", hog])
         assert r.exit_code != 0, r
         # killed by the OOM killer in the sandbox's cgroup, or refused memory (RLIMIT_AS)
         assert r.killed == KILLED_MEMORY or b"MemoryError" in r.stderr, r
+        # nothing of the kill lands in the caller's directory (runc writes an `oom` marker to its cwd)
+        assert set(os.listdir(".")) <= cwd_before
         await _still_serves(sb)
     finally:
         await sb.destroy()
