@@ -48,6 +48,7 @@ __all__ = [
     "LLM_BACKENDS",
     "OUTPUT_FORMATS",
     "PROGRAM_KINDS",
+    "SAMPLING_MODES",
     "SINK",
     "DatasetConfig",
     "DiscoveryConfig",
@@ -73,6 +74,7 @@ EXTERNAL_LLM_BACKENDS = ("openai-compatible", "openai", "azure", "gemini")
 """Backends that are an API somewhere (``base_url``), not replicas agentmesh starts."""
 PROGRAM_KINDS = ("sequential", "loop_until", "state_machine")
 SANDBOX_BACKENDS = ("bubblewrap", "nsjail", "podman")
+SAMPLING_MODES = ("off", "always", "ratio", "tail")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
@@ -344,8 +346,14 @@ class TracingConfig:
 
     otlp_endpoint: str | None = None
     """OTLP/gRPC endpoint, e.g. ``http://localhost:4317``; None: no export."""
+    sampling: str | None = field(default=None, metadata=_meta(choices=SAMPLING_MODES))
+    """``off``, ``always``, ``ratio`` (head: decided at admission) or ``tail`` (decided at the sink:
+    failed and slow tasks kept, plus ``sample_ratio`` of the rest); None: ``always``, or ``ratio``
+    when ``sample_ratio`` < 1."""
     sample_ratio: float = field(default=1.0, metadata=_meta(ge=0, le=1))
-    """Fraction of tasks traced."""
+    """Fraction of tasks traced (``ratio``), or kept besides the failed and slow ones (``tail``)."""
+    slow_s: float = field(default=0.0, metadata=_meta(ge=0))
+    """``tail``: a task that took at least this long is kept (0: duration does not count)."""
     console: bool = False
     """Also print spans to the console."""
 

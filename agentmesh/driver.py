@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from agentmesh.agent.payload import PayloadStore
 from agentmesh.agent.peers import PeerRouter, agent_service, server_options
@@ -35,7 +35,15 @@ from agentmesh.agent.routing import SINK, RoutingProgram
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import RpcError
 from agentmesh.sink import record_from_orchestrator
-from agentmesh.tracing import inject_into, tracer
+from agentmesh.tracing import (
+    carry_spans,
+    finish_task,
+    hop_arrived,
+    inject_into,
+    server_interceptors,
+    tracer,
+    uncarry_open,
+)
 from agentmesh.v1 import agent_pb2 as apb
 from agentmesh.v1 import orchestrator_pb2 as pb
 
@@ -177,6 +185,7 @@ class RunDriver:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"run_id: task of run {orch.run_id!r} sent to run {self.run_id!r}",
             )
+        hop_arrived(orch, "sink")
         await self._finish(orch)
         return apb.DeliverReply(load=apb.LoadReport(replica_id="sink")).SerializeToString()
 
@@ -207,7 +216,8 @@ class RunDriver:
         for turn in orch.history:
             p.prompt_tokens += turn.usage.prompt_tokens
             p.completion_tokens += turn.usage.completion_tokens
-        if orch.status == pb.TASK_STATUS_DONE:
+        failed = orch.status != pb.TASK_STATUS_DONE
+        if not failed:
             p.done += 1
             info.span.set_status(Status(StatusCode.OK))
         else:
@@ -217,7 +227,8 @@ class RunDriver:
             info.span.set_status(Status(StatusCode.ERROR, f"{code}: {orch.error.message[:200]}"))
         info.span.set_attribute("agentmesh.status", pb.TaskStatus.Name(orch.status))
         info.span.set_attribute("agentmesh.hops", orch.routing.hops)
-        info.span.end()
+        duration_s = (time.time_ns() - orch.admitted_unix_ns) / 1e9 if orch.admitted_unix_ns else 0.0
+        finish_task(orch, info.span, failed=failed, duration_s=duration_s)
         self._credits.release()
         if self._payloads is not None and contents:
             self._spawn(self._payloads.release(orch.task_id))
@@ -265,7 +276,9 @@ class RunDriver:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
-        server = grpc.aio.server(options=server_options(self._max_message_bytes))
+        server = grpc.aio.server(
+            options=server_options(self._max_message_bytes), interceptors=server_interceptors()
+        )
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_insecure_port(f"{self._host}:0")
@@ -331,13 +344,25 @@ class RunDriver:
 
     async def _deliver_first(self, info: _InFlight) -> None:
         orch = self._new_orchestrator(info)
-        try:
-            await self._router.deliver(orch.routing.current_role, orch, deadline=time.monotonic() + 120.0)
-        except RpcError as exc:
-            orch.status = pb.TASK_STATUS_FAILED
-            orch.error.code = "admission"
-            orch.error.message = f"could not deliver to the first role: {exc}"
-            await self._finish(orch)
+        first = orch.routing.current_role
+        with tracer().start_as_current_span(
+            f"hop source -> {first}",
+            context=_span_context(info.span),
+            kind=SpanKind.CLIENT,
+            attributes={"agentmesh.task_id": orch.task_id, "agentmesh.to_role": first},
+        ) as span:
+            carry_spans(orch, open_span=span)
+            try:
+                to = await self._router.deliver(first, orch, deadline=time.monotonic() + 120.0)
+                span.set_attribute("agentmesh.to_replica", to)
+                return
+            except RpcError as exc:
+                uncarry_open(orch, span)
+                err = exc
+        orch.status = pb.TASK_STATUS_FAILED
+        orch.error.code = "admission"
+        orch.error.message = f"could not deliver to the first role: {err}"
+        await self._finish(orch)
 
     async def run(self) -> RunProgress:
         flusher = self._spawn(self._flush_loop())

@@ -303,7 +303,12 @@ def run_pipeline(
         return RunProgress(total=0, resumed=len(done))
 
     configure_tracing(
-        "agentmesh.driver", otlp_endpoint=cfg.tracing.otlp_endpoint, sample_ratio=cfg.tracing.sample_ratio
+        "agentmesh.driver",
+        sampling=cfg.tracing.sampling,
+        otlp_endpoint=cfg.tracing.otlp_endpoint,
+        sample_ratio=cfg.tracing.sample_ratio,
+        slow_s=cfg.tracing.slow_s,
+        console=cfg.tracing.console,
     )
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)

@@ -114,12 +114,40 @@ class TaskError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., role: _Optional[str] = ..., replica_id: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class TraceContext(_message.Message):
-    __slots__ = ("traceparent", "tracestate")
+    __slots__ = ("traceparent", "tracestate", "spans")
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     TRACESTATE_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
     traceparent: str
     tracestate: str
-    def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
+    spans: _containers.RepeatedCompositeFieldContainer[CarriedSpan]
+    def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[CarriedSpan, _Mapping]]] = ...) -> None: ...
+
+class CarriedSpan(_message.Message):
+    __slots__ = ("span_id", "parent_span_id", "name", "kind", "start_unix_ns", "end_unix_ns", "status_code", "status_message", "service", "attributes_json", "events_json")
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    span_id: bytes
+    parent_span_id: bytes
+    name: str
+    kind: int
+    start_unix_ns: int
+    end_unix_ns: int
+    status_code: int
+    status_message: str
+    service: str
+    attributes_json: str
+    events_json: str
+    def __init__(self, span_id: _Optional[bytes] = ..., parent_span_id: _Optional[bytes] = ..., name: _Optional[str] = ..., kind: _Optional[int] = ..., start_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., service: _Optional[str] = ..., attributes_json: _Optional[str] = ..., events_json: _Optional[str] = ...) -> None: ...
 
 class Orchestrator(_message.Message):
     __slots__ = ("schema_version", "task_id", "run_id", "trial", "seed", "input_json", "history", "results", "resources", "routing", "status", "error", "attempt", "recoveries", "deadline_unix_ms", "admitted_unix_ns", "trace")

@@ -58,8 +58,11 @@ class ReplicaHost:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         configure_tracing(
             f"agentmesh.{self._role_name}",
+            sampling=cfg.tracing.sampling,
             otlp_endpoint=cfg.tracing.otlp_endpoint,
             sample_ratio=cfg.tracing.sample_ratio,
+            slow_s=cfg.tracing.slow_s,
+            console=cfg.tracing.console,
         )
         discovery = connect(self._run["discovery_url"])
         cache = EndpointCache(discovery)
@@ -113,6 +116,7 @@ class ReplicaHost:
         with contextlib.suppress(Exception):
             done = asyncio.run_coroutine_threadsafe(self.replica.drain(grace_s), self._loop)
             done.result(timeout=grace_s + 5)
+        self._flush()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM: draining %s", self._role_name)
@@ -140,6 +144,20 @@ class ReplicaHost:
 
     def drain(self, grace_s: float = 30.0) -> None:
         asyncio.run_coroutine_threadsafe(self.replica.drain(grace_s), self._loop).result(timeout=grace_s + 10)
+        self._flush()
+
+    def stop(self) -> None:
+        """The run is over: stop serving and hand over what this process still holds (spans)."""
+        if self.replica is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.replica.stop(1.0), self._loop).result(timeout=15)
+        self._flush()
+
+    def _flush(self) -> None:
+        from agentmesh.tracing import force_flush
+
+        with contextlib.suppress(Exception):
+            force_flush(10_000)  # ray.kill gives no atexit: spans still batched would be lost
 
 
 def replica_actor_class() -> Any:

@@ -27,6 +27,7 @@ import grpc
 
 from agentmesh.discovery import Endpoint, EndpointCache
 from agentmesh.errors import InvalidArgument, RpcError, Unavailable
+from agentmesh.tracing import client_interceptors
 from agentmesh.v1 import agent_pb2 as apb
 from agentmesh.v1 import agent_pb2_grpc
 from agentmesh.v1 import orchestrator_pb2 as pb
@@ -171,7 +172,11 @@ class PeerRouter:
     def _peer(self, ep: Endpoint) -> _PeerState:
         peer = self._peers.get(ep.address)
         if peer is None or peer.endpoint.id != ep.id:
-            channel = grpc.aio.insecure_channel(ep.address, options=channel_options(self._max_message_bytes))
+            channel = grpc.aio.insecure_channel(
+                ep.address,
+                options=channel_options(self._max_message_bytes),
+                interceptors=client_interceptors() or None,
+            )
             peer = _PeerState(ep, channel, agent_pb2_grpc.AgentServiceStub(channel))
             self._peers[ep.address] = peer
         return peer

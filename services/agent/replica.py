@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from agentmesh.agent.payload import PayloadStore
 from agentmesh.agent.peers import LOAD_METADATA_KEY, PeerRouter, agent_service, encode_load, server_options
@@ -34,7 +34,14 @@ from agentmesh.agent.role import Role, RoleContext, Task
 from agentmesh.agent.routing import SINK, RoutingProgram
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import InvalidArgument, TaskFailed
-from agentmesh.tracing import context_from, tracer
+from agentmesh.tracing import (
+    carry_spans,
+    context_from,
+    hop_arrived,
+    server_interceptors,
+    tracer,
+    uncarry_open,
+)
 from agentmesh.v1 import agent_pb2 as apb
 from agentmesh.v1 import orchestrator_pb2 as pb
 
@@ -117,7 +124,7 @@ class AgentReplica:
         self._ttl_s = discovery_ttl_s
         self._ctx = RoleContext(role_name, self.replica_id, run_id, dict(params or {}), llm, containers)
         self._role = role_factory(self._ctx)
-        self._inbox: asyncio.Queue[tuple[pb.Orchestrator, float]] = asyncio.Queue(self.limits.inbox)
+        self._inbox: asyncio.Queue[tuple[pb.Orchestrator, float, int]] = asyncio.Queue(self.limits.inbox)
         self._held: Counter[str] = Counter()
         self._in_progress = 0
         self._draining = False
@@ -160,8 +167,9 @@ class AgentReplica:
         except InvalidArgument as exc:
             self.stats["rejected_invalid"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc).partition(": ")[2])
+        hop_arrived(orch, self.replica_id)
         try:
-            self._inbox.put_nowait((orch, time.monotonic()))
+            self._inbox.put_nowait((orch, time.monotonic(), time.time_ns()))
         except asyncio.QueueFull:
             self.stats["rejected_full"] += 1
             context.set_trailing_metadata(((LOAD_METADATA_KEY, encode_load(self.load())),))
@@ -203,7 +211,9 @@ class AgentReplica:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> str:
-        server = grpc.aio.server(options=server_options(self.limits.max_message_bytes))
+        server = grpc.aio.server(
+            options=server_options(self.limits.max_message_bytes), interceptors=server_interceptors()
+        )
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -283,10 +293,10 @@ class AgentReplica:
     # -- the work ---------------------------------------------------------------------------
     async def _worker(self) -> None:
         while True:
-            orch, enqueued_at = await self._inbox.get()
+            orch, enqueued_at, enqueued_ns = await self._inbox.get()
             self._in_progress += 1
             try:
-                await self._process(orch, enqueued_at)
+                await self._process(orch, enqueued_at, enqueued_ns)
             except Exception:  # never let one task kill a worker
                 log.exception("replica %s: unexpected error on task %s", self.replica_id, orch.task_id)
             finally:
@@ -301,9 +311,20 @@ class AgentReplica:
             raise RuntimeError("no payload store configured")
         return await self._payloads.get(ref)
 
-    async def _process(self, orch: pb.Orchestrator, enqueued_at: float) -> None:
+    async def _process(self, orch: pb.Orchestrator, enqueued_at: float, enqueued_ns: int) -> None:
         parent = context_from(orch)
         queue_wait_s = time.monotonic() - enqueued_at
+        if parent is not None:  # the wait in this replica's inbox, as a span of its own
+            tracer().start_span(
+                f"queue {self.role_name}",
+                context=parent,
+                start_time=enqueued_ns,
+                attributes={
+                    "agentmesh.task_id": orch.task_id,
+                    "agentmesh.role": self.role_name,
+                    "agentmesh.replica_id": self.replica_id,
+                },
+            ).end(enqueued_ns + int(queue_wait_s * 1e9))
         with tracer().start_as_current_span(
             f"step {self.role_name}",
             context=parent,
@@ -406,6 +427,7 @@ class AgentReplica:
             attributes={"agentmesh.task_id": orch.task_id, "agentmesh.to_role": next_role},
         ) as span:
             deadline = time.monotonic() + self.limits.forward_timeout_s
+            carry_spans(orch, open_span=span)  # tail sampling: the task takes its spans along
             try:
                 to = await self.router.deliver(next_role, orch, deadline=deadline)
                 span.set_attribute("agentmesh.to_replica", to)
@@ -415,11 +437,14 @@ class AgentReplica:
                 err = f"forward to {next_role!r} refused: {exc}"
             except Exception as exc:
                 err = f"forward to {next_role!r} failed: {exc}"
+            uncarry_open(orch, span)
             span.set_attribute("agentmesh.error", err)
+            span.set_status(Status(StatusCode.ERROR, err[:200]))
         log.warning("%s: task %s: %s", self.replica_id, orch.task_id, err)
         if next_role == SINK:
             return  # the sink is unreachable: the source's recovery re-admits the task
         self._fail(orch, "forward", err, 1)
         orch.routing.current_role = SINK
+        carry_spans(orch)  # the failed hop's span among them
         with contextlib.suppress(Exception):
             await self.router.deliver(SINK, orch, deadline=time.monotonic() + self.limits.forward_timeout_s)

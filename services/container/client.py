@@ -25,7 +25,7 @@ from agentmesh.container.sandbox import ExecResult, Limits, SandboxError
 from agentmesh.container.wire import exec_result, limits_to_pb, registry_service
 from agentmesh.discovery import EndpointCache
 from agentmesh.errors import from_grpc_error
-from agentmesh.tracing import tracer
+from agentmesh.tracing import client_interceptors, tracer
 from agentmesh.v1 import container_pb2 as cpb
 from agentmesh.v1 import container_pb2_grpc as cgrpc
 
@@ -73,7 +73,9 @@ class ContainerClient:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+            ch = self._channels[address] = grpc.aio.insecure_channel(
+                address, interceptors=client_interceptors() or None
+            )
         return ch
 
     async def registry_address(self) -> str:

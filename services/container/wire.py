@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentmesh.container.sandbox import ExecResult, Limits, SandboxError
+from agentmesh.tracing import server_interceptors
 from agentmesh.v1 import container_pb2 as cpb
 
 __all__ = [
@@ -128,7 +129,7 @@ async def start_server(
     Returns the server, its ``host:port`` and the services' full names. Health is left unset: the
     caller says SERVING (:func:`set_serving`) once it is ready to serve.
     """
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=server_interceptors())
     for add in services.values():
         add(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,72 +1,224 @@
-"""One task, one trace: the spans of every replica the task visited join under the task's root."""
+"""One task, one trace: a three-role pipeline over the vLLM simulator, checked span by span.
+
+Real gRPC between replicas (so the interceptors carry the context in metadata), a real etcd, a
+simulated LLM replica over HTTP, the SDK's in-memory exporter. Each sampling mode is checked:
+``always`` (every task a complete trace), ``ratio`` (whole traces or nothing), ``tail`` (only
+the failed and the slow tasks, each complete: its spans travelled inside the Orchestrator).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from agentmesh.agent import Role, Task
 from agentmesh.agent.local import LocalMesh, LocalRole
-from agentmesh.agent.routing import LoopUntil
-from agentmesh.discovery.memory import MemoryDiscovery
+from agentmesh.agent.routing import Sequential
+from agentmesh.discovery import EndpointCache, connect
+from agentmesh.discovery.etcd_server import EtcdServer
+from agentmesh.errors import TaskFailed
+from agentmesh.llm_gateway.client import LlmClient
+from agentmesh.llm_gateway.replica import LlmReplica
 from agentmesh.tracing import configure_tracing
 from tests.integration.mesh_run import sink_driver
 
 pytestmark = pytest.mark.integration
 
+MODEL = "sim/tracing"
+ROLES = ("writer", "critic", "judge")
 EXPORTER = InMemorySpanExporter()
 
 
-class Speak(Role):
+class Writer(Role):
+    async def step(self, task: Task) -> None:
+        r = await self.llm.chat([{"role": "user", "content": f"write {task.id}"}], max_tokens=6)
+        task.add_turn(r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+
+
+class Critic(Role):
     async def step(self, task: Task) -> None:
         with trace.get_tracer("test").start_as_current_span("inner work"):
-            task.add_turn(self.ctx.replica_id)
+            r = await self.llm.chat([{"role": "user", "content": f"critique {task.id}"}], max_tokens=4)
+        task.add_turn(r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+
+
+class Judge(Role):
+    """Fails the tasks whose input says so; dawdles on the ones marked slow."""
+
+    async def step(self, task: Task) -> None:
+        if task.input.get("fail"):
+            raise TaskFailed("judged_bad", "the judge rejects this one")
+        if task.input.get("slow"):
+            await asyncio.sleep(0.6)
+        task.add_turn("ok")
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer(fast=True) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
-def _tracing() -> None:
-    configure_tracing("agentmesh-test", exporter=EXPORTER)
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        EXPORTER.clear()
+def _reset() -> Iterator[None]:
+    EXPORTER.clear()
+    yield
+    configure_tracing("agentmesh-test", sampling="off")
 
 
-async def test_each_task_is_one_trace_across_replicas(tmp_path: Path) -> None:
-    disc = MemoryDiscovery()
-    prog = LoopUntil("debate", ["teacher", "student", "judge"], until=None, max_turns=2)
-    roles = {n: LocalRole(Speak, replicas=2) for n in ("teacher", "student", "judge")}
-    mesh = LocalMesh(run_id="r1", roles=roles, programs={"debate": prog}, discovery=disc)
+async def _run(etcd: EtcdServer, tmp_path: Path, rows: list[dict[str, Any]]) -> Any:
+    """Run the pipeline over ``rows``; return the driver's progress."""
+    llm_replica = LlmReplica(
+        MODEL,
+        discovery=etcd.url,
+        backend="simulator",
+        replica_id="sim-0",
+        simulator_profile="fast-test",
+        simulator_overrides={"step_base_s": 0.002, "max_num_seqs": 16, "default_max_tokens": 6},
+    )
+    await llm_replica.start()
+    disc = connect(etcd.url)
+    cache = EndpointCache(disc)
+    llm = LlmClient(MODEL, cache, timeout_s=20, measure_ttft=True)
+    prog = Sequential("p", list(ROLES))
+    roles = {
+        "writer": LocalRole(Writer, replicas=2, llm=llm),
+        "critic": LocalRole(Critic, replicas=2, llm=llm),
+        "judge": LocalRole(Judge, replicas=1),
+    }
+    run_id = f"r1-{tmp_path.name[-6:]}".lower().replace("_", "-")
+    mesh = LocalMesh(run_id="r1", roles=roles, programs={"p": prog}, discovery=disc)
     await mesh.start()
-    async with sink_driver(tmp_path / "out", prog, disc, [{}] * 6) as driver:
-        await asyncio.wait_for(driver.run(), 30)
-    await mesh.stop()
+    try:
+        async with sink_driver(tmp_path / f"out-{run_id}", prog, disc, rows) as driver:
+            progress = await asyncio.wait_for(driver.run(), 60)
+    finally:
+        await mesh.stop()
+        await llm.close()
+        await cache.close()
+        await disc.close()
+        await llm_replica.stop()
+    return progress
 
-    spans = EXPORTER.get_finished_spans()
-    by_task: dict[str, list] = defaultdict(list)
+
+def _by_trace() -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = defaultdict(list)
+    for s in EXPORTER.get_finished_spans():
+        out[s.context.trace_id].append(s)
+    return out
+
+
+def _check_complete_trace(spans: list[Any], *, roles: tuple[str, ...] = ROLES) -> str:
+    """Assert that ``spans`` are one task's whole trace; return the task id."""
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == 1, [s.name for s in roots]
+    root = roots[0]
+    tid = str(root.attributes["agentmesh.task_id"])
+    assert root.name == f"task {tid}"
+    by_id = {s.context.span_id: s for s in spans}
+    names = [s.name for s in spans]
+    for role in roles:
+        assert names.count(f"step {role}") == 1, (tid, role, names)
+        assert names.count(f"queue {role}") == 1, (tid, role, names)
+    path = ["source", *roles, "sink"]
+    hops = [f"hop {a} -> {b}" for a, b in itertools.pairwise(path)]
+    assert sorted(n for n in names if n.startswith("hop ")) == sorted(hops), names
     for s in spans:
-        tid = (s.attributes or {}).get("agentmesh.task_id")
-        if tid:
-            by_task[str(tid)].append(s)
-    assert sorted(by_task) == [f"t{i}" for i in range(6)]
-    for tid, task_spans in by_task.items():
-        roots = [s for s in task_spans if s.name == f"task {tid}"]
-        assert len(roots) == 1, tid
-        root = roots[0]
-        assert root.parent is None
-        trace_id = root.context.trace_id
-        assert {s.context.trace_id for s in task_spans} == {trace_id}
-        steps = [s for s in task_spans if s.name.startswith("step ")]
-        hops = [s for s in task_spans if s.name.startswith("hop ")]
-        assert len(steps) == 6  # 3 roles x 2 turns
-        assert len(hops) == 6  # each step forwards once (the last one to the sink)
-        assert all(s.parent is not None and s.parent.span_id == root.context.span_id for s in steps + hops)
-        replicas = {s.attributes["agentmesh.replica_id"] for s in steps}
-        assert {r.split("-")[0] for r in replicas} == {"teacher", "student", "judge"}
-        # work done inside a step is a child of that step, in the same trace
-        inner = [s for s in spans if s.name == "inner work" and s.context.trace_id == trace_id]
-        assert len(inner) == 6
-        assert {s.parent.span_id for s in inner} == {s.context.span_id for s in steps}
+        if s.name.startswith(("step ", "queue ", "hop ")):
+            assert s.parent.span_id == root.context.span_id, s.name  # children of the task
+            assert s.end_time >= s.start_time
+        if s.name.startswith("hop "):
+            assert s.kind == SpanKind.CLIENT and s.attributes.get("agentmesh.to_replica"), s.name
+    # the Deliver of every hop is a server span, child of that hop (context from gRPC metadata)
+    delivers = [s for s in spans if s.name == "rpc AgentService/Deliver"]
+    assert len(delivers) == len(hops), names
+    for d in delivers:
+        assert d.kind == SpanKind.SERVER
+        assert by_id[d.parent.span_id].name.startswith("hop ")
+    # every LLM call: inside its step, with model, replica, tokens and time to first token
+    llm_spans = [s for s in spans if s.name.startswith("llm.")]
+    llm_roles = [r for r in roles if r in ("writer", "critic")]
+    assert len(llm_spans) == len(llm_roles), names
+    for s in llm_spans:
+        a = s.attributes
+        assert a["llm.model"] == MODEL and a["llm.replica"] == "sim-0"
+        assert a["llm.prompt_tokens"] > 0 and a["llm.completion_tokens"] > 0
+        assert 0 < a["llm.ttft_s"] <= (s.end_time - s.start_time) / 1e9
+        parent = by_id[s.parent.span_id]
+        if parent.name == "inner work":
+            parent = by_id[parent.parent.span_id]
+        assert parent.name in {f"step {r}" for r in llm_roles}
+    return tid
+
+
+async def test_always_every_task_is_one_complete_trace(etcd: EtcdServer, tmp_path: Path) -> None:
+    configure_tracing("agentmesh-test", sampling="always", exporter=EXPORTER)
+    progress = await _run(etcd, tmp_path, [{}] * 8)
+    assert progress.done == 8
+    traces = _by_trace()
+    assert len(traces) == 8
+    assert sorted(_check_complete_trace(spans) for spans in traces.values()) == [f"t{i}" for i in range(8)]
+    # different replicas of a role served different tasks, and their spans still joined
+    steps = [s for spans in traces.values() for s in spans if s.name == "step writer"]
+    assert len({s.attributes["agentmesh.replica_id"] for s in steps}) == 2
+
+
+async def test_ratio_keeps_whole_traces_or_nothing(etcd: EtcdServer, tmp_path: Path) -> None:
+    configure_tracing("agentmesh-test", sampling="ratio", sample_ratio=0.5, exporter=EXPORTER)
+    progress = await _run(etcd, tmp_path, [{}] * 24)
+    assert progress.done == 24
+    traces = _by_trace()
+    assert 1 <= len(traces) <= 23  # P(all or none of 24 at 0.5) ~ 1e-7
+    for spans in traces.values():
+        _check_complete_trace(spans)
+
+
+async def test_tail_keeps_the_failed_and_the_slow_with_their_whole_trace(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    configure_tracing("agentmesh-test", sampling="tail", sample_ratio=0.0, slow_s=0.5, exporter=EXPORTER)
+    rows: list[dict[str, Any]] = [{}] * 10
+    rows = [*rows[:3], {"fail": True}, *rows[3:6], {"slow": True}, *rows[6:]]
+    progress = await _run(etcd, tmp_path, rows)
+    assert progress.done == 11 and progress.failed == 1
+    traces = _by_trace()
+    kept = {}
+    for spans in traces.values():
+        root = next(s for s in spans if s.parent is None)
+        kept[str(root.attributes["agentmesh.task_id"])] = (root, spans)
+    assert sorted(kept) == ["t3", "t7"]  # the failed one and the slow one, nothing else
+    root, spans = kept["t7"]
+    assert root.attributes["agentmesh.trace_kept"] == "slow"
+    _check_complete_trace(spans)
+    # the replicas' spans reached the sink inside the task (rebuilt there, so even the test's own
+    # "inner work" span now has the runtime's scope), each naming the process that recorded it
+    inner = next(s for s in spans if s.name == "inner work")
+    assert inner.instrumentation_scope.name == "agentmesh"
+    assert {s.resource.attributes["service.name"] for s in spans} == {"agentmesh-test"}
+    root, spans = kept["t3"]
+    assert root.attributes["agentmesh.trace_kept"] == "failed"
+    assert root.status.status_code == trace.StatusCode.ERROR
+    judge = next(s for s in spans if s.name == "step judge")
+    assert judge.attributes.get("agentmesh.next_role") == "sink"
+    assert {s.name for s in spans} >= {"step writer", "step critic", "hop judge -> sink"}
+
+
+async def test_tail_ratio_also_keeps_a_share_of_the_rest(etcd: EtcdServer, tmp_path: Path) -> None:
+    configure_tracing("agentmesh-test", sampling="tail", sample_ratio=1.0, exporter=EXPORTER)
+    progress = await _run(etcd, tmp_path, [{}] * 6)
+    assert progress.done == 6
+    traces = _by_trace()
+    assert len(traces) == 6
+    for spans in traces.values():
+        _check_complete_trace(spans)
+        root = next(s for s in spans if s.parent is None)
+        assert root.attributes["agentmesh.trace_kept"] == "sampled"
