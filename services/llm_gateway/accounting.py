@@ -6,7 +6,9 @@ failure the kind of error. The same numbers go three ways:
 
 * :meth:`LlmAccounting.snapshot` — a JSON-able dict, merged across processes with
   :func:`merge_snapshots` and summarised at the end of a run (:func:`summarize`);
-* :meth:`LlmAccounting.prometheus_text` — Prometheus exposition, served by the gateway server;
+* :meth:`LlmAccounting.prometheus_text` — Prometheus exposition, served by the gateway server; the
+  same ``agentmesh_llm_*`` families :func:`agentmesh.metrics.register_llm_accounting` exposes in a
+  process's ``/metrics``;
 * OpenTelemetry metrics (``agentmesh.llm.*`` counters and histograms) on the global meter
   provider, a no-op until an exporter is configured.
 
@@ -163,51 +165,22 @@ class LlmAccounting:
         return snapshot_prometheus_text(self.snapshot(), prefix)
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def snapshot_prometheus_text(snap: Mapping[str, Any], prefix: str = "agentmesh_llm") -> str:
-    out: list[str] = []
+    """A snapshot (or a merge of several) in Prometheus text format, through the same collector that
+    exposes the process's accountings in :data:`agentmesh.metrics.REGISTRY` (one set of names:
+    ``agentmesh_llm_{requests,errors,tokens,calls_failed}_total``, ``..._{latency,ttft}_seconds``;
+    tokens by ``kind`` ``prompt|completion``). ``prefix`` renames the families."""
+    # Imported here: agentmesh.metrics imports this module for the bucket bounds.
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    def head(name: str, kind: str, help_: str) -> None:
-        out.append(f"# HELP {prefix}_{name} {help_}")
-        out.append(f"# TYPE {prefix}_{name} {kind}")
+    from agentmesh.metrics import LlmSnapshotCollector
 
-    rows = list(snap.get("replicas", []))
-    head("requests_total", "counter", "LLM request attempts per model and replica.")
-    for r in rows:
-        base = f'model="{_esc(r["model"])}",replica="{_esc(r["replica"])}"'
-        out.append(f"{prefix}_requests_total{{{base}}} {r['requests']}")
-    head("errors_total", "counter", "Failed LLM attempts per model, replica and kind.")
-    for r in rows:
-        for kind, n in sorted(r["errors"].items()):
-            labels = f'model="{_esc(r["model"])}",replica="{_esc(r["replica"])}",kind="{_esc(kind)}"'
-            out.append(f"{prefix}_errors_total{{{labels}}} {n}")
-    head("tokens_total", "counter", "Tokens per model, replica and direction (in: prompt, out: completion).")
-    for r in rows:
-        base = f'model="{_esc(r["model"])}",replica="{_esc(r["replica"])}"'
-        out.append(f'{prefix}_tokens_total{{{base},direction="in"}} {r["prompt_tokens"]}')
-        out.append(f'{prefix}_tokens_total{{{base},direction="out"}} {r["completion_tokens"]}')
-    for key, name, help_ in (
-        ("latency_s", "latency_seconds", "Latency of answered LLM attempts."),
-        ("ttft_s", "ttft_seconds", "Time to first token of streamed LLM attempts."),
-    ):
-        head(name, "histogram", help_)
-        for r in rows:
-            base = f'model="{_esc(r["model"])}",replica="{_esc(r["replica"])}"'
-            h = r[key]
-            cum = 0
-            for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), h["buckets"], strict=True):
-                cum += n
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                out.append(f'{prefix}_{name}_bucket{{{base},le="{le}"}} {cum}')
-            out.append(f"{prefix}_{name}_sum{{{base}}} {h['sum']}")
-            out.append(f"{prefix}_{name}_count{{{base}}} {h['count']}")
-    head("calls_failed_total", "counter", "LLM calls that gave up, per model.")
-    for model, n in sorted(snap.get("calls_failed", {}).items()):
-        out.append(f'{prefix}_calls_failed_total{{model="{_esc(model)}"}} {n}')
-    return "\n".join(out) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LlmSnapshotCollector(lambda: [snap]))
+    text = generate_latest(registry).decode()
+    if prefix != "agentmesh_llm":
+        text = text.replace("agentmesh_llm_", prefix + "_")
+    return text
 
 
 def merge_snapshots(snaps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
