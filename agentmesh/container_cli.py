@@ -6,7 +6,9 @@
   agentmesh container run --name prod -- python3 -c 'print(1)'             # acquire, exec, release
 
 Both services find each other (and clients find the registry) in the discovery store: the local
-cluster's etcd by default (``agentmesh cluster up``), or ``--discovery URL``.
+cluster's etcd by default (``agentmesh cluster up``), or ``--discovery URL``. Each also serves
+Prometheus ``/metrics`` (``--metrics-port``, 0 = any free port, -1 = none), registered in discovery
+under ``agentmesh-metrics`` with job ``registry`` or ``holder`` (see ``agentmesh metrics sd``).
 """
 
 from __future__ import annotations
@@ -45,14 +47,27 @@ def _discovery_url(ns: argparse.Namespace) -> str:
     return _where(ns)[1]
 
 
-async def _serve_until_signal(start: Any, stop: Any) -> int:
+async def _serve_until_signal(
+    start: Any, stop: Any, *, ns: argparse.Namespace, disc: Any, job: str, labels: dict[str, str]
+) -> int:
+    from agentmesh.metrics import serve_metrics
+
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
     address = await start()
-    print(json.dumps({"address": address}), flush=True)
+    line = {"address": address}
+    endpoint = None
+    if ns.metrics_port >= 0:
+        endpoint = await serve_metrics(
+            job=job, labels=labels, discovery=disc, host=ns.host, port=ns.metrics_port
+        )
+        line["metrics"] = endpoint.url
+    print(json.dumps(line), flush=True)
     await done.wait()
+    if endpoint is not None:
+        await endpoint.close()
     await stop()
     return 0
 
@@ -82,7 +97,9 @@ def _registry(ns: argparse.Namespace) -> int:
             await reg.stop(destroy_warm=False)
             await disc.close()
 
-        return await _serve_until_signal(reg.start, stop)
+        return await _serve_until_signal(
+            reg.start, stop, ns=ns, disc=disc, job="registry", labels={"registry": ns.name}
+        )
 
     return asyncio.run(main())
 
@@ -108,7 +125,14 @@ def _holder(ns: argparse.Namespace) -> int:
             await holder.stop()
             await disc.close()
 
-        return await _serve_until_signal(holder.start, stop)
+        return await _serve_until_signal(
+            holder.start,
+            stop,
+            ns=ns,
+            disc=disc,
+            job="holder",
+            labels={"registry": ns.name, "holder": holder.holder_id},
+        )
 
     return asyncio.run(main())
 
@@ -194,6 +218,9 @@ def add_container_commands(subparsers: Any) -> None:
     reg.add_argument("--lease-s", type=float, default=60.0, help="default lease in seconds")
     reg.add_argument("--host", default="127.0.0.1")
     reg.add_argument("--port", type=int, default=0)
+    reg.add_argument(
+        "--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free one, -1: none)"
+    )
     reg.set_defaults(func=_guarded(_registry))
 
     hold = common(sub.add_parser("holder", help="serve a sandbox holder until SIGTERM"))
@@ -201,6 +228,9 @@ def add_container_commands(subparsers: Any) -> None:
     hold.add_argument("--root", default=None, help="where sandboxes' scratch lives")
     hold.add_argument("--id", default=None, help="holder id (default: random)")
     hold.add_argument("--host", default="127.0.0.1")
+    hold.add_argument(
+        "--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: any free one, -1: none)"
+    )
     hold.set_defaults(func=_guarded(_holder))
 
     st = common(sub.add_parser("status", help="pools, capacity and leases of a registry (JSON)"))

@@ -13,6 +13,9 @@ holder ~2 KB (and the kernel ~40 KB), where a Ray actor is a Python process of ~
 ~0.66 s from creation to a sandbox's first exec on a 2-core machine (``bench/sandbox.py``); a
 hundred sandboxes as a hundred actors cost 6.7 GB and half a minute to start here. The holder is
 still a Ray actor, so Ray places it, restarts it, and accounts for it.
+
+Metrics (:mod:`agentmesh.metrics`): ``agentmesh_sandbox_exec_seconds{backend}``, the duration of
+every exec that ran (a refused or failed-to-start one is not timed).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from agentmesh.container.backends import get_backend
 from agentmesh.container.sandbox import Limits, Sandbox, SandboxBackend, SandboxError, SandboxSpec
@@ -42,6 +46,7 @@ from agentmesh.container.wire import (
     validate_exec,
 )
 from agentmesh.discovery import Discovery, Endpoint, Registration
+from agentmesh.metrics import REGISTRY, SandboxMetrics
 from agentmesh.v1 import container_pb2 as cpb
 from agentmesh.v1 import container_pb2_grpc as cgrpc
 
@@ -91,6 +96,7 @@ class SandboxHolder(cgrpc.ContainerServiceServicer, cgrpc.SandboxHostServicer):
         reap_interval_s: float = 0.25,
         discovery_ttl_s: float = 5.0,
         backend_options: dict[str, dict[str, Any]] | None = None,
+        metrics_registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.registry_name = registry_name
         self.holder_id = holder_id or f"holder-{uuid.uuid4().hex[:8]}"
@@ -112,6 +118,7 @@ class SandboxHolder(cgrpc.ContainerServiceServicer, cgrpc.SandboxHostServicer):
         self._health = health.aio.HealthServicer()
         self.address = ""
         self.stats: dict[str, int] = {"created": 0, "destroyed": 0, "reclaimed": 0, "execs": 0}
+        self._metrics = SandboxMetrics(registry=metrics_registry)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> str:
@@ -293,6 +300,7 @@ class SandboxHolder(cgrpc.ContainerServiceServicer, cgrpc.SandboxHostServicer):
         h = await self._assigned(request.container_id, context)
         h.busy += 1
         h.touch()
+        t0 = time.monotonic()
         try:
             result = await h.sandbox.exec(
                 list(request.argv),
@@ -310,6 +318,7 @@ class SandboxHolder(cgrpc.ContainerServiceServicer, cgrpc.SandboxHostServicer):
             h.touch()
         h.execs += 1
         self.stats["execs"] += 1
+        self._metrics.exec_done(h.backend, time.monotonic() - t0)
         return exec_reply(result)
 
     async def Status(self, request: cpb.StatusRequest, context: Ctx) -> cpb.StatusReply:

@@ -17,6 +17,10 @@ lease, and the registry drops the mapping on its next inventory of that holder.
   so two acquires can never both take a holder's last slot.
 * **Releasing is per client.** ``Release`` checks the caller's ``client_id``; ``ReleaseClient``
   releases that client's sandboxes and nobody else's.
+
+Metrics (:mod:`agentmesh.metrics`, in the process's registry): ``agentmesh_sandbox_pool{pool,state}``
+(pool ``backend/image``; state warm, leased, creating; read at scrape),
+``agentmesh_sandbox_acquire_seconds{pool}`` and ``agentmesh_sandbox_leases_expired_total``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from agentmesh.container.backends import BACKENDS, DEFAULT_BACKEND
 from agentmesh.container.sandbox import Limits, SandboxError
@@ -47,6 +52,7 @@ from agentmesh.container.wire import (
 )
 from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import DiscoveryError
+from agentmesh.metrics import REGISTRY, SandboxMetrics
 from agentmesh.v1 import container_pb2 as cpb
 from agentmesh.v1 import container_pb2_grpc as cgrpc
 
@@ -109,6 +115,7 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
         host: str = "127.0.0.1",
         port: int = 0,
         discovery_ttl_s: float = 5.0,
+        metrics_registry: CollectorRegistry = REGISTRY,
     ) -> None:
         if default_backend not in BACKENDS:
             raise SandboxError(f"default_backend: unknown backend {default_backend!r}")
@@ -138,6 +145,7 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
         self._holders_ready = asyncio.Event()
         self.address = ""
         self.stats: collections.Counter[str] = collections.Counter()
+        self._metrics = SandboxMetrics(pools=self._pool_counts, registry=metrics_registry)
 
     # -- keys and pools -------------------------------------------------------------------------
     def _kv_prefix(self) -> str:
@@ -149,6 +157,23 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
         if pool is None:
             pool = self._pools[key] = _Pool(key, limits)
         return pool
+
+    @staticmethod
+    def _pool_label(backend: str, image: str) -> str:
+        return f"{backend}/{image}"
+
+    def _pool_counts(self) -> dict[tuple[str, str], int]:
+        """``{(pool, state): n}`` for the pool gauge; called from the metrics server's thread, so it
+        copies each container with one C-level call before iterating (never a live dict)."""
+        counts: dict[tuple[str, str], int] = {}
+        for (backend, image, _), pool in list(self._pools.items()):
+            label = self._pool_label(backend, image)
+            for state, n in (("warm", len(pool.warm)), ("creating", pool.inflight)):
+                counts[(label, state)] = counts.get((label, state), 0) + n
+        for lease in list(self._leases.values()):
+            key = (self._pool_label(lease.backend, lease.image), "leased")
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> str:
@@ -212,6 +237,7 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
         await self._cache.close()
         for h in self._holders.values():
             await h.channel.close()
+        self._metrics.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro)
@@ -264,6 +290,8 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
                 pool.warm.remove((cid, hid or ""))
         if self._leases.pop(cid, None) is not None:
             self.stats["leases_dropped_" + reason.replace(" ", "_")] += 1
+            if reason == "lease expired":
+                self._metrics.leases_expired()
             self._spawn(self._kv_delete(cid))
 
     async def _kv_delete(self, cid: str) -> None:
@@ -496,6 +524,7 @@ class ContainerRegistry(cgrpc.ContainerServiceServicer, cgrpc.RegistryServicer):
                 continue
             self.stats["acquired"] += 1
             self.stats["acquired_warm" if warm else "acquired_cold"] += 1
+            self._metrics.acquired(self._pool_label(backend, pool.key[1]), time.monotonic() - t0)
             log.debug("acquired %s for %s in %.1f ms", cid, request.client_id, (time.monotonic() - t0) * 1e3)
             return cpb.AcquireReply(
                 container_id=cid,
