@@ -54,6 +54,7 @@ __all__ = [
     "DiscoveryConfig",
     "LimitsConfig",
     "LlmConfig",
+    "MetricsConfig",
     "OutputConfig",
     "ProgramConfig",
     "RayConfig",
@@ -341,6 +342,19 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus exposition: every process of the run serves ``/metrics`` and registers it in
+    discovery (service ``agentmesh-metrics``) for ``agentmesh metrics sd`` and ``agentmesh status``."""
+
+    enabled: bool = True
+    """Serve metrics (the cost is a counter update per event and an HTTP thread per process)."""
+    host: str = field(default="127.0.0.1", metadata=_meta(pattern=r"\S"))
+    """Interface the endpoints listen on (``0.0.0.0`` for a scraper on another machine)."""
+    linger_s: float = field(default=0.0, metadata=_meta(ge=0, le=3600))
+    """Keep the endpoints up this long after the last task, so that a scraper sees the final counts."""
+
+
+@dataclass(frozen=True)
 class TracingConfig:
     """OpenTelemetry export."""
 
@@ -396,6 +410,8 @@ class RunConfig:
     """Service discovery."""
     tracing: TracingConfig = field(default_factory=TracingConfig)
     """Tracing export."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Prometheus metrics."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster."""
     source_file: str = field(default="", metadata={"internal": True})

@@ -137,10 +137,12 @@ class RunDriver:
         discovery_ttl_s: float = 5.0,
         admission_concurrency: int = 256,
         containers: Any | None = None,  # agentmesh.container.client.ContainerClient
+        metrics: Any | None = None,  # agentmesh.metrics.RunMetrics
     ) -> None:
         self.run_id = run_id
         self.program = program
         self.progress = RunProgress(total=total)
+        self._metrics = metrics
         self._discovery = discovery
         self._writer = writer
         self._tasks = tasks
@@ -217,6 +219,8 @@ class RunDriver:
             p.prompt_tokens += turn.usage.prompt_tokens
             p.completion_tokens += turn.usage.completion_tokens
         failed = orch.status != pb.TASK_STATUS_DONE
+        if self._metrics is not None:
+            self._metrics.finished(ok=not failed, code="" if not failed else (orch.error.code or "unknown"))
         if not failed:
             p.done += 1
             info.span.set_status(Status(StatusCode.OK))
@@ -379,6 +383,8 @@ class RunDriver:
                 )
                 self._in_flight[task_id] = info
                 self.progress.admitted += 1
+                if self._metrics is not None:
+                    self._metrics.admitted()
                 self._spawn(self._admit(info))
             self._source_done = True
             if self.progress.total is None:

@@ -292,9 +292,6 @@ def run_pipeline(
     done = writer.open()
     total = count_tasks(cfg, done)
     run_id = f"{_slug(cfg.name)}-{uuid.uuid4().hex[:6]}"
-    (out_dir / "run.json").write_text(
-        json.dumps({"run_id": run_id, "config": cfg.to_dict()}, indent=2) + "\n"
-    )
     if done:
         say(f"resuming: {len(done)} task(s) already in {out_dir}, {total} to do")
     if total == 0:
@@ -321,6 +318,21 @@ def run_pipeline(
             stack.callback(etcd.stop)
             discovery_url = etcd.url
             say(f"embedded etcd on {etcd.client_endpoint}")
+        # what `agentmesh status OUT` needs to find the run while it runs (left behind afterwards)
+        (out_dir / "run.json").write_text(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "name": cfg.name,
+                    "discovery_url": discovery_url,
+                    "pid": os.getpid(),
+                    "started_unix": time.time(),
+                    "config": cfg.to_dict(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         t0 = time.monotonic()
         stack.callback(init_ray(cfg.ray.address, temp_dir=cfg.ray.temp_dir, num_cpus=cfg.ray.num_cpus))
         say(f"ray ready in {time.monotonic() - t0:.1f}s")
@@ -399,6 +411,18 @@ async def _drive(
     tasks: Iterator[tuple[str, int, dict[str, Any]]] = (
         t for t in iter_dataset(cfg.dataset) if t[0] not in done
     )
+    run_metrics = metrics_ep = None
+    if cfg.metrics.enabled:
+        from agentmesh.metrics import RunMetrics, serve_metrics
+
+        run_metrics = RunMetrics(run_id)
+        metrics_ep = await serve_metrics(
+            job="driver",
+            labels={"run": run_id},
+            discovery=discovery,
+            host=cfg.metrics.host,
+            ttl_s=cfg.discovery.ttl_s,
+        )
     driver = RunDriver(
         run_id=run_id,
         program=program,
@@ -415,6 +439,7 @@ async def _drive(
         max_message_bytes=cfg.limits.max_message_bytes,
         discovery_ttl_s=cfg.discovery.ttl_s,
         containers=containers,
+        metrics=run_metrics,
     )
     await driver.start()
     handle.driver = driver
@@ -430,13 +455,18 @@ async def _drive(
 
         ticker = asyncio.create_task(tick())
     try:
-        return await driver.run()
+        progress = await driver.run()
+        if metrics_ep is not None and cfg.metrics.linger_s > 0:
+            await asyncio.sleep(cfg.metrics.linger_s)  # every replica still serves its final counts
+        return progress
     finally:
         if ticker is not None:
             ticker.cancel()
         if on_progress is not None:
             on_progress(driver.progress)
         await driver.stop()
+        if metrics_ep is not None:
+            await metrics_ep.close()
         if containers is not None:
             await _close_containers(containers, driver.progress)
         if container_cache is not None:

@@ -35,6 +35,7 @@ class ReplicaHost:
         self._thread = threading.Thread(target=self._loop.run_forever, name="agentmesh-replica", daemon=True)
         self._thread.start()
         self.replica: Any = None
+        self._metrics_ep: Any = None  # this process's /metrics (agentmesh.metrics.MetricsEndpoint)
         self._address = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
         # Ray's worker answers SIGTERM with sys.exit() in its main thread, and only a handler set from
         # the main thread could replace that; the interpreter's exit runs atexit hooks either way,
@@ -66,6 +67,9 @@ class ReplicaHost:
         )
         discovery = connect(self._run["discovery_url"])
         cache = EndpointCache(discovery)
+        metrics: Any = None
+        if cfg.metrics.enabled:
+            import agentmesh.metrics as metrics
         llm = None
         if role.llm is not None:
             from agentmesh.llm_gateway.client import LlmClient
@@ -106,8 +110,20 @@ class ReplicaHost:
             replica_id=f"{self._role_name}-{self._index}-{os.getpid()}",
             discovery_ttl_s=cfg.discovery.ttl_s,
             endpoint_cache=cache,
+            metrics_registry=metrics.REGISTRY if metrics is not None else None,
         )
-        return await self.replica.start()
+        address = await self.replica.start()
+        if metrics is not None:
+            if llm is not None:
+                metrics.register_llm_accounting(llm.accounting)
+            self._metrics_ep = await metrics.serve_metrics(
+                job="agent",
+                labels={"run": run_id, "role": self._role_name, "replica": self.replica.replica_id},
+                discovery=discovery,
+                host=cfg.metrics.host,
+                ttl_s=cfg.discovery.ttl_s,
+            )
+        return address
 
     def _drain_at_exit(self, grace_s: float = 60.0) -> None:
         if self.replica is None or self._loop.is_closed():
@@ -151,6 +167,10 @@ class ReplicaHost:
         if self.replica is not None and not self._loop.is_closed():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.replica.stop(1.0), self._loop).result(timeout=15)
+        if self._metrics_ep is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._metrics_ep.close(), self._loop).result(timeout=5)
+            self._metrics_ep = None
         self._flush()
 
     def _flush(self) -> None:

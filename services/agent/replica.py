@@ -111,6 +111,7 @@ class AgentReplica:
         replica_id: str | None = None,
         discovery_ttl_s: float = 5.0,
         endpoint_cache: EndpointCache | None = None,
+        metrics_registry: Any | None = None,
     ) -> None:
         self.role_name = role_name
         self.run_id = run_id
@@ -137,6 +138,18 @@ class AgentReplica:
         self.router = PeerRouter(self._cache, run_id, max_message_bytes=self.limits.max_message_bytes)
         self.address = ""
         self.stats: Counter[str] = Counter()
+        self.metrics: Any = None  # agentmesh.metrics.ReplicaMetrics, with a registry to report to
+        if metrics_registry is not None:
+            from agentmesh.metrics import ReplicaMetrics
+
+            self.metrics = ReplicaMetrics(
+                run_id,
+                role_name,
+                self.replica_id,
+                queued=self._inbox.qsize,
+                in_progress=lambda: self._in_progress,
+                registry=metrics_registry,
+            )
 
     # -- load -----------------------------------------------------------------------------
     def load(self) -> apb.LoadReport:
@@ -287,6 +300,9 @@ class AgentReplica:
         with contextlib.suppress(Exception):
             await self._role.teardown()
         await self.router.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self._own_cache:
             await self._cache.close()
 
@@ -336,8 +352,12 @@ class AgentReplica:
                 "agentmesh.turn": orch.routing.turn,
             },
         ) as span:
+            started = time.monotonic()
             next_role = await self._run_step(orch)
             span.set_attribute("agentmesh.next_role", next_role)
+        if self.metrics is not None:
+            self.metrics.queue_wait(queue_wait_s)
+            self.metrics.step_done(time.monotonic() - started, ok=orch.status != pb.TASK_STATUS_FAILED)
         await self._forward(orch, next_role, parent)
 
     async def _run_step(self, orch: pb.Orchestrator) -> str:
@@ -370,6 +390,8 @@ class AgentReplica:
                 orch.results.clear()
                 orch.results.update(results_before)
                 self.stats["step_errors"] += 1
+                if self.metrics is not None:
+                    self.metrics.step_retried()
                 if orch.attempt >= limits.max_attempts:
                     return self._fail(orch, "step_exception", f"{type(exc).__name__}: {exc}", orch.attempt)
                 delay = min(limits.retry_backoff_max_s, limits.retry_backoff_s * 2 ** (orch.attempt - 1))
@@ -383,6 +405,11 @@ class AgentReplica:
                 )
                 await asyncio.sleep(delay)
         self.stats["steps"] += 1
+        if self.metrics is not None:
+            new = orch.history[n_before:]
+            self.metrics.tokens(
+                sum(t.usage.prompt_tokens for t in new), sum(t.usage.completion_tokens for t in new)
+            )
         if self._payloads is not None and limits.offload_threshold_bytes > 0:
             await self._offload(orch, n_before)
         try:
@@ -428,16 +455,21 @@ class AgentReplica:
         ) as span:
             deadline = time.monotonic() + self.limits.forward_timeout_s
             carry_spans(orch, open_span=span)  # tail sampling: the task takes its spans along
+            sent = time.monotonic()
             try:
                 to = await self.router.deliver(next_role, orch, deadline=deadline)
                 span.set_attribute("agentmesh.to_replica", to)
                 self.stats["forwarded"] += 1
+                if self.metrics is not None:
+                    self.metrics.hop(next_role, time.monotonic() - sent, ok=True)
                 return
             except InvalidArgument as exc:
                 err = f"forward to {next_role!r} refused: {exc}"
             except Exception as exc:
                 err = f"forward to {next_role!r} failed: {exc}"
             uncarry_open(orch, span)
+            if self.metrics is not None:
+                self.metrics.hop(next_role, time.monotonic() - sent, ok=False)
             span.set_attribute("agentmesh.error", err)
             span.set_status(Status(StatusCode.ERROR, err[:200]))
         log.warning("%s: task %s: %s", self.replica_id, orch.task_id, err)

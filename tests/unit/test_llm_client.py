@@ -12,6 +12,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentmesh.discovery.base import Endpoint, EndpointCache
 from agentmesh.discovery.memory import MemoryDiscovery
@@ -617,9 +618,15 @@ async def test_accounting_counts_tokens_latency_and_errors_per_replica(mesh: Any
     )
     assert rows["r2"]["latency_s"]["count"] == 6
     assert rows["r1"]["ok"] == 0 and rows["r1"]["errors"].get("server_error", 0) >= 1
-    text = client.accounting.prometheus_text()
-    assert f'agentmesh_llm_tokens_total{{model="{MODEL}",replica="r2",direction="out"}} 12' in text
-    assert 'agentmesh_llm_errors_total{model="Org/Tiny-Model",replica="r1",kind="server_error"}' in text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(client.accounting.prometheus_text())
+        for s in fam.samples
+    }
+    tokens = ("agentmesh_llm_tokens_total", (("kind", "completion"), ("model", MODEL), ("replica", "r2")))
+    assert samples[tokens] == 12
+    errors = ("agentmesh_llm_errors_total", (("kind", "server_error"), ("model", MODEL), ("replica", "r1")))
+    assert samples[errors] >= 1
 
 
 async def test_random_policy_is_available_for_baselines(mesh: Any) -> None:
