@@ -17,6 +17,7 @@ from agentmesh import __version__
 from agentmesh.container_cli import add_container_commands
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.llm_cli import add_cluster_commands, add_llm_commands
+from agentmesh.metrics_cli import add_metrics_commands
 
 __all__ = ["main"]
 
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_llm_commands(sub)
     add_cluster_commands(sub)
     add_container_commands(sub)
+    add_metrics_commands(sub)
     return parser
 
 
