@@ -7,7 +7,10 @@ For clients that cannot embed :class:`~agentmesh.llm_gateway.client.LlmClient` (
 * OpenAI-compatible HTTP (aiohttp): ``POST /v1/chat/completions`` and ``POST /v1/completions`` (with
   ``"stream": true`` the replica's server-sent events are passed through, ending in
   ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503 while draining), ``GET /metrics``
-  (Prometheus text: the clients' per-replica accounting plus the server's request counters).
+  (Prometheus text: the clients' per-replica accounting as ``agentmesh_llm_*``, the same families
+  :mod:`agentmesh.metrics` defines, plus the server's request counters). The ``/metrics`` address
+  is registered in discovery under ``agentmesh-metrics`` with job ``llm-gateway``, so that
+  ``agentmesh metrics sd`` hands it to Prometheus.
 * gRPC ``agentmesh.v1.LlmGateway`` (``protos/agentmesh/v1/llm_gateway.proto``) with the standard
   health service and reflection.
 
@@ -60,7 +63,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentmesh.discovery import connect
-from agentmesh.discovery.base import Discovery, EndpointCache
+from agentmesh.discovery.base import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import AgentMeshError, DiscoveryError, LlmError, LlmRequestError
 from agentmesh.llm_gateway.accounting import LlmAccounting
 from agentmesh.llm_gateway.client import LlmClient, llm_service_name
@@ -426,6 +429,7 @@ class GatewayServer:
         self._idle.set()
         self._stopped = asyncio.Event()
         self._created = int(time.time())
+        self._metrics_registration: Registration | None = None
         self.counts: Counter[tuple[str, str, str]] = Counter()
         """Answered requests by (protocol, route, status): ``("http", "chat", "200")``."""
 
@@ -466,6 +470,7 @@ class GatewayServer:
             await self._start_http()
             await self._start_grpc()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            await self._register_metrics()
             for model in self.models or ():
                 # Watch the configured models now, so that /v1/models counts their replicas.
                 with contextlib.suppress(DiscoveryError):
@@ -488,6 +493,24 @@ class GatewayServer:
         site = web.TCPSite(runner, self.http_host, self.http_port, backlog=4096, reuse_address=True)
         await site.start()
         self.http_port = int(runner.addresses[0][1])
+
+    async def _register_metrics(self) -> None:
+        """Put ``/metrics`` in discovery for Prometheus (a store that refuses only costs the entry)."""
+        from agentmesh.metrics import METRICS_SERVICE
+
+        assert self._discovery is not None
+        address = self.http_url.removeprefix("http://")
+        try:
+            self._metrics_registration = await self._discovery.register(
+                Endpoint(
+                    METRICS_SERVICE,
+                    f"llm-gateway-{address}".replace(":", "-").replace("[", "").replace("]", "").lower(),
+                    address,
+                    {"job": "llm-gateway"},
+                )
+            )
+        except DiscoveryError as exc:
+            log.warning("LLM gateway: /metrics not registered in discovery: %s", exc)
 
     async def _start_grpc(self) -> None:
         server = grpc.aio.server(
@@ -532,6 +555,10 @@ class GatewayServer:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop both servers (requests still running get ``grace_s``), close clients. Idempotent."""
         self._draining = True
+        registration, self._metrics_registration = self._metrics_registration, None
+        if registration is not None:
+            with contextlib.suppress(Exception):
+                await registration.close()
         grpc_server, self._grpc = self._grpc, None
         if grpc_server is not None:
             await grpc_server.stop(grace_s)

@@ -59,3 +59,20 @@ async def test_bad_arguments() -> None:
         await serve_metrics(job="", labels={})
     with pytest.raises(ValueError, match="'job'"):
         await serve_metrics(job="a", labels={"job": "b"})
+
+
+async def test_gateway_registers_its_metrics() -> None:
+    from agentmesh.llm_gateway.server import GatewayServer
+
+    disc = MemoryDiscovery()
+    gw = GatewayServer(disc)
+    await gw.start()
+    try:
+        [entry] = await disc.snapshot(METRICS_SERVICE)
+        assert entry.metadata == {"job": "llm-gateway"}
+        assert f"http://{entry.address}" == gw.http_url
+        status, text = await get(gw.http_url + "/metrics")
+        assert status == 200 and "# TYPE agentmesh_llm_requests_total counter" in text
+    finally:
+        await gw.stop()
+    assert await disc.snapshot(METRICS_SERVICE) == []
