@@ -43,7 +43,9 @@ __all__ = [
     "RoleStats",
     "RunData",
     "TimeShare",
+    "in_flight_series",
     "load_run",
+    "throughput_series",
     "time_breakdown",
     "write_report",
 ]
@@ -463,20 +465,29 @@ def _time_axis(data: RunData) -> tuple[float, str, float]:
     return t0, "seconds since the first admission", 1.0
 
 
+def throughput_series(data: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bin edges in seconds since the first admission, done per bin, failed per bin)."""
+    wall = max(data.wall_s, 1e-3)
+    # Few tasks in fine bins make a comb of 0/1 spikes; aim at ~3 tasks per bin, 12 to 90 bins.
+    width = _nice_bin(wall, max_bins=int(min(90, max(12, len(data.finished_ns) / 3))))
+    edges = np.arange(0, wall + width, width)
+    if len(edges) < 2 or edges[-1] < wall:
+        edges = np.append(edges, edges[-1] + width if len(edges) else width)
+    t0 = data.admitted_ns.min() if len(data.admitted_ns) else 0
+    fin = (data.finished_ns - t0) / 1e9
+    done, _ = np.histogram(fin[data.task_ok], bins=edges)
+    failed, _ = np.histogram(fin[~data.task_ok], bins=edges)
+    return edges, done, failed
+
+
 def plot_throughput(data: RunData, path: Path) -> Path:
     """Tasks finished per second over time, done and failed; the running total on a second axis."""
     fig = _figure()
     ax = fig.add_subplot()
     t0, label, div = _time_axis(data)
-    wall = max(data.wall_s, 1e-3)
-    # Few tasks in fine bins make a comb of 0/1 spikes; aim at ~3 tasks per bin, 12 to 90 bins.
-    width = _nice_bin(wall, max_bins=int(min(90, max(12, len(data.finished_ns) / 3))))
-    edges = np.arange(0, wall + width, width)
-    if len(edges) < 2:
-        edges = np.array([0.0, width])
+    edges, done_counts, failed_counts = throughput_series(data)
+    width = float(edges[1] - edges[0])
     fin = (data.finished_ns - t0) / 1e9
-    done_counts, _ = np.histogram(fin[data.task_ok], bins=edges)
-    failed_counts, _ = np.histogram(fin[~data.task_ok], bins=edges)
     x = edges / div
     ax.stairs(done_counts / width, x, color=_DONE_COLOR, fill=True, alpha=0.3)
     ax.stairs(done_counts / width, x, color=_DONE_COLOR, lw=1.5, label=f"done ({int(data.task_ok.sum())})")
