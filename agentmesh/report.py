@@ -142,7 +142,7 @@ def _records_file(run_dir: Path) -> Path:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -967,7 +967,7 @@ def write_report(
             (out / name).unlink(missing_ok=True)
         doc, title = _build(data, out)
         path = out / f"report.{fmt}"
-        path.write_text(_markdown(doc) if fmt == "md" else _html(doc, title))
+        path.write_text(_markdown(doc) if fmt == "md" else _html(doc, title), encoding="utf-8")
     except OSError as exc:
         raise ReportError(f"{out}: cannot write the report: {exc}") from exc
     return path

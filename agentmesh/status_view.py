@@ -85,7 +85,7 @@ class RunInfo:
         try:
             if run_json.exists() and path.stat().st_mtime < run_json.stat().st_mtime:
                 return None  # an earlier run's summary; this run (a resume) is still going
-            value = json.loads(path.read_text())
+            value = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
@@ -108,7 +108,7 @@ def read_run_dir(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     path = run_dir / "run.json"
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StatusError(
             f"{path}: not found; is {run_dir} a run's output directory (of a run started with metrics)?"
@@ -349,7 +349,7 @@ def _fmt_s(seconds: float) -> str:
     if math.isnan(seconds):
         return "-"
     if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f}µs"
+        return f"{seconds * 1e6:.0f}us"
     if seconds < 1:
         return f"{seconds * 1e3:.0f}ms"
     if seconds < 60:
@@ -402,8 +402,8 @@ def render(
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.taken_unix))
     name = f"{info.name} " if info is not None and info.name and info.name != snap.run_id else ""
     lines = [
-        f"agentmesh status: {name}run {snap.run_id} · {stamp} · "
-        f"{snap.scraped}/{snap.endpoints or snap.scraped} endpoints · {rate_note}"
+        f"agentmesh status: {name}run {snap.run_id} | {stamp} | "
+        f"{snap.scraped}/{snap.endpoints or snap.scraped} endpoints | {rate_note}"
     ]
     failed = snap.failed
     codes = ", ".join(f"{c} {_fmt_n(n)}" for c, n in sorted(snap.failed_by_code.items()) if n)
@@ -439,7 +439,17 @@ def render(
             )
         lines.append("")
         lines += _table(
-            ["ROLE", "REPLICAS", "IN PROGRESS", "QUEUED", "STEPS DONE", "FAILED", "RETRIES", "STEP p50", "TOK/S"],
+            [
+                "ROLE",
+                "REPLICAS",
+                "IN PROGRESS",
+                "QUEUED",
+                "STEPS DONE",
+                "FAILED",
+                "RETRIES",
+                "STEP p50",
+                "TOK/S",
+            ],
             rows,
         )
     if snap.llms:
@@ -528,11 +538,13 @@ async def watch(
     once: bool = False,
     out: TextIO | None = None,
     discovery: Discovery | None = None,
+    startup_wait_s: float = 60.0,
 ) -> int:
     """Print snapshots of ``info``'s run every ``interval_s`` (once with ``once``); the exit code.
 
     0: printed (or the run finished and its summary was printed); 1: no endpoint found (or none
-    could be scraped with ``once``). A terminal gets each refresh in place; a pipe gets blocks.
+    could be scraped with ``once``). Without ``once``, a run still starting gets ``startup_wait_s``
+    for its endpoints to appear. A terminal gets each refresh in place; a pipe gets blocks.
     """
     from agentmesh.discovery import connect
 
@@ -544,6 +556,7 @@ async def watch(
     except AgentMeshError as exc:
         raise StatusError(f"discovery {info.discovery_url}: {exc}") from exc
     prev: Snapshot | None = None
+    started, waiting = time.monotonic(), False
     try:
         while True:
             try:
@@ -564,18 +577,26 @@ async def watch(
                 if summary is not None:
                     out.write(render_summary(info, summary))
                     return 0
-                if once or prev is None:
+                starting = prev is None and time.monotonic() < started + startup_wait_s
+                if once or (prev is None and (not starting or info.process_alive() is False)):
                     out.write(
                         f"agentmesh status: no /metrics endpoints of run {info.run_id!r} in "
                         f"{info.discovery_url} (service {METRICS_SERVICE!r}); "
                         "is the run up, with metrics enabled?\n"
                     )
                     return 1
-                # Seen before, gone now: the run is ending (its summary comes next) or restarting.
-                out.write("agentmesh status: the run's endpoints are gone; waiting for them or its summary\n")
-                out.flush()
+                if not waiting:  # the run is starting (replicas register after discovery is up),
+                    # or it is ending (its summary comes next): say so once, keep looking
+                    out.write(
+                        "agentmesh status: waiting for the run's /metrics endpoints\n"
+                        if prev is None
+                        else "agentmesh status: the run's endpoints are gone; waiting for its summary\n"
+                    )
+                    out.flush()
+                waiting = True
                 await asyncio.sleep(interval_s)
                 continue
+            waiting = False
             text = render(snap, prev, info=info, role_order=info.roles)
             out.write((_CLEAR + text) if tty else (text if prev is None else "\n" + text))
             out.flush()

@@ -303,3 +303,45 @@ def test_cli_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert "bad discovery url" in err and "Traceback" not in err
     assert main(["status", "--discovery", "memory://", "--run", "x", "--interval", "0"]) == 2
+
+
+class LateDiscovery(MemoryDiscovery):
+    """Registers the driver's endpoint only at the third look, as a starting run would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    async def snapshot(self, service: str) -> list[Endpoint]:
+        self.looks += 1
+        if self.looks == 3:
+            await self.register(Endpoint(METRICS_SERVICE, "driver", "d:1", {"job": "driver", "run": RUN}))
+        return await super().snapshot(service)
+
+
+async def test_watch_waits_for_a_starting_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = write_run_json(tmp_path / "run")
+
+    async def fake_scrape(addresses: list[str], **_: object) -> dict[str, str | Exception]:
+        (run_dir / "summary.json").write_text(json.dumps({"tasks": 1, "done": 1, "failed": 0}))
+        future = time.time() + 5
+        os.utime(run_dir / "summary.json", (future, future))
+        disc.kill(METRICS_SERVICE, "driver")
+        return {a: DRIVER for a in addresses}
+
+    monkeypatch.setattr(status_view, "scrape", fake_scrape)
+    disc = LateDiscovery()
+    out = io.StringIO()
+    assert await watch(read_run_dir(run_dir), interval_s=0.01, out=out, discovery=disc) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "agentmesh status: waiting for the run's /metrics endpoints"  # said once
+    assert lines[1].startswith("agentmesh status: demo run demo-1a2b3c")
+    assert "has finished" in out.getvalue()
+    assert disc.looks == 4
+
+    # Past the startup wait (or with --once), no endpoints is an answer, not a wait.
+    out = io.StringIO()
+    code = await watch(
+        read_run_dir(write_run_json(tmp_path / "r2")), out=out, discovery=MemoryDiscovery(), startup_wait_s=0
+    )
+    assert code == 1 and "no /metrics endpoints" in out.getvalue()
