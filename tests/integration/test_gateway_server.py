@@ -335,7 +335,7 @@ async def test_health_reflection_and_metrics(stack: Stack) -> None:
     tokens_out = [
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("agentmesh_llm_tokens_total{") and 'direction="out"' in line
+        if line.startswith("agentmesh_llm_tokens_total{") and 'kind="completion"' in line
     ]
     assert sum(tokens_out) == 3  # the clients' accounting, per replica
 
