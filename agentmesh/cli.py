@@ -18,6 +18,7 @@ from agentmesh.container_cli import add_container_commands
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.llm_cli import add_cluster_commands, add_llm_commands
 from agentmesh.metrics_cli import add_metrics_commands
+from agentmesh.report_cli import add_report_commands
 
 __all__ = ["main"]
 
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_commands(sub)
     add_container_commands(sub)
     add_metrics_commands(sub)
+    add_report_commands(sub)
     return parser
 
 
