@@ -85,7 +85,9 @@ class RunData:
     Task arrays (``admitted_ns``, ``finished_ns``, ``task_ok``) cover the tasks with timings only;
     token arrays and counts cover every record. Step arrays (``step_role``, ``step_s``) hold one
     entry per recorded turn with both timestamps. ``step_wall_s``/``wait_s`` are the wall-time
-    attribution described in the module docstring, summed per role; ``tail_s`` is the time after
+    attribution described in the module docstring, summed per role; ``failing_s`` is, per role, the
+    time failed tasks spent after their last recorded step until they failed in that role (the
+    failing step is not in the history: hop, queue and the step itself); ``tail_s`` is the time after
     each task's last step, summed.
     """
 
@@ -108,6 +110,7 @@ class RunData:
     step_s: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     step_wall_s: dict[str, float] = field(default_factory=dict)
     wait_s: dict[str, float] = field(default_factory=dict)
+    failing_s: dict[str, float] = field(default_factory=dict)
     tail_s: float = 0.0
     role_tokens: dict[str, list[int]] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
@@ -193,7 +196,19 @@ def load_run(run_dir: str | Path) -> RunData:
     step_role, step_s = array("i"), array("d")
     step_wall: list[float] = []
     wait: list[float] = []
+    failing: list[float] = []
     tail = 0.0
+
+    def index(role: str) -> int:
+        idx = role_index.get(role)
+        if idx is None:
+            idx = role_index[role] = len(role_index)
+            step_wall.append(0.0)
+            wait.append(0.0)
+            failing.append(0.0)
+            data.role_tokens[role] = [0, 0]
+        return idx
+
     try:
         for record in read_records(run_dir):
             data.tasks += 1
@@ -228,12 +243,7 @@ def load_run(run_dir: str | Path) -> RunData:
                 if not isinstance(turn, Mapping):
                     continue
                 role = str(turn.get("role") or "?")
-                idx = role_index.get(role)
-                if idx is None:
-                    idx = role_index[role] = len(role_index)
-                    step_wall.append(0.0)
-                    wait.append(0.0)
-                    data.role_tokens[role] = [0, 0]
+                idx = index(role)
                 usage = turn.get("usage")
                 if isinstance(usage, Mapping):
                     data.role_tokens[role][0] += int(usage.get("prompt_tokens") or 0)
@@ -255,7 +265,11 @@ def load_run(run_dir: str | Path) -> RunData:
                 wait[idx] += (start - cursor) / 1e9
                 step_wall[idx] += (end - start) / 1e9
                 cursor = end
-            tail += (t_fin - cursor) / 1e9
+            failed_in = _mapping(record.get("error")).get("role") if not is_ok else None
+            if failed_in:
+                failing[index(str(failed_in))] += (t_fin - cursor) / 1e9
+            else:
+                tail += (t_fin - cursor) / 1e9
     except SinkCorruptError as exc:
         raise ReportError(str(exc)) from exc
     except (OSError, ValueError) as exc:
@@ -271,6 +285,7 @@ def load_run(run_dir: str | Path) -> RunData:
     data.step_s = np.frombuffer(step_s, dtype=np.float64).copy()
     data.step_wall_s = {r: step_wall[i] for r, i in role_index.items()}
     data.wait_s = {r: wait[i] for r, i in role_index.items()}
+    data.failing_s = {r: failing[i] for r, i in role_index.items()}
     data.tail_s = tail
     return data
 
@@ -285,7 +300,7 @@ class TimeShare:
 
     label: str
     role: str | None
-    kind: Literal["step", "wait", "sink"]
+    kind: Literal["step", "wait", "failing", "sink"]
     seconds: float
     share: float  # of all tasks' time, 0..1
 
@@ -299,6 +314,9 @@ def time_breakdown(data: RunData) -> list[TimeShare]:
     for role in data.roles:
         pieces.append(TimeShare(f"{role} steps", role, "step", data.step_wall_s[role], 0.0))
         pieces.append(TimeShare(f"waiting before {role}", role, "wait", data.wait_s[role], 0.0))
+        if data.failing_s.get(role):
+            label = f"in {role} until the task failed there"
+            pieces.append(TimeShare(label, role, "failing", data.failing_s[role], 0.0))
     pieces.append(TimeShare(_SINK_LABEL, None, "sink", data.tail_s, 0.0))
     out = [TimeShare(p.label, p.role, p.kind, p.seconds, p.seconds / total) for p in pieces]
     return sorted(out, key=lambda p: -p.seconds)
@@ -396,6 +414,12 @@ def key_sentence(data: RunData) -> str:
         share = _pct(wait_total)
         share = f"less than {share[1:]}" if share.startswith("<") else f"only {share}"
         parts.append(f"waiting between steps (queue + hop) took {share}")
+    failing = [p for p in pieces if p.kind == "failing" and p.share >= 0.01]
+    if failing:
+        parts.append(
+            f"{_pct(sum(p.share for p in failing))} went to steps that failed the task "
+            f"(not in the records), most in {failing[0].role} ({_pct(failing[0].share)})"
+        )
     sink = next(p for p in pieces if p.kind == "sink")
     if sink.share >= 0.05:
         parts.append(f"{_pct(sink.share)} went after the last step, on the way to the sink")
@@ -417,6 +441,8 @@ def fmt_s(seconds: float) -> str:
     """A duration for people: 850 µs, 12 ms, 3.4 s, 2m05s, 1h02m; '-' for NaN."""
     if seconds is None or math.isnan(seconds):
         return "-"
+    if seconds == 0:
+        return "0 s"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
     if seconds < 1:
@@ -608,20 +634,22 @@ def plot_time_by_role(data: RunData, path: Path) -> Path:
     """Per role, share of all task time in its steps and waiting before them; plus the sink hop."""
     total = float(data.task_s.sum())
     labels = [*data.roles, "to sink"]
-    steps = [data.step_wall_s[r] / total for r in data.roles] + [0.0]
-    waits = [data.wait_s[r] / total for r in data.roles] + [data.tail_s / total]
+    steps = np.array([data.step_wall_s[r] for r in data.roles] + [0.0]) / total * 100
+    waits = np.array([data.wait_s[r] for r in data.roles] + [data.tail_s]) / total * 100
+    failing = np.array([data.failing_s.get(r, 0.0) for r in data.roles] + [0.0]) / total * 100
     fig = _figure(height=max(2.4, 0.55 * len(labels) + 1.2))
     ax = fig.add_subplot()
     y = np.arange(len(labels))
-    ax.barh(y, np.array(steps) * 100, color=_STEP_COLOR, label="in the role's step")
-    ax.barh(
-        y, np.array(waits) * 100, left=np.array(steps) * 100, color=_WAIT_COLOR, label="waiting before it"
-    )
-    for yi, (s, w) in enumerate(zip(steps, waits, strict=True)):
-        ax.text((s + w) * 100 + 0.6, yi, _pct(s + w), va="center", fontsize=9)
+    ax.barh(y, steps, color=_STEP_COLOR, label="in the role's step")
+    ax.barh(y, waits, left=steps, color=_WAIT_COLOR, label="waiting before it")
+    if failing.any():
+        ax.barh(y, failing, left=steps + waits, color=_FAILED_COLOR, label="until the task failed there")
+    ends = steps + waits + failing
+    for yi, end in enumerate(ends):
+        ax.text(end + 0.6, yi, _pct(end / 100), va="center", fontsize=9)
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
-    ax.set_xlim(0, max(max(s + w for s, w in zip(steps, waits, strict=True)) * 100 * 1.15, 5))
+    ax.set_xlim(0, max(float(ends.max()) * 1.15, 5))
     ax.set_xlabel("% of all tasks' time (admission to sink)")
     ax.set_title("Where task time went (waiting = queue + hop)")
     ax.legend(loc="lower right")
@@ -662,7 +690,7 @@ def plot_failures(data: RunData, path: Path) -> Path:
     fig = _figure(height=max(2.2, 0.45 * len(codes) + 1.2))
     ax = fig.add_subplot()
     y = np.arange(len(codes))
-    ax.barh(y, [n for _, n in codes], color=_FAILED_COLOR)
+    ax.barh(y, [n for _, n in codes], color=_FAILED_COLOR, height=0.6)
     for yi, (_, n) in enumerate(codes):
         ax.text(n, yi, f" {n}", va="center", fontsize=9)
     ax.set_yticks(y, [c for c, _ in codes])
@@ -800,7 +828,7 @@ def _build(data: RunData, out_dir: Path) -> tuple[_Doc, str]:
         doc.img(plot_time_by_role(data, out_dir / "time_by_role.png"), "share of task time per role")
         doc.table(
             ["part of task time", "total", "share"],
-            [[p.label, fmt_s(p.seconds), _pct(p.share)] for p in time_breakdown(data)],
+            [[p.label, fmt_s(p.seconds), _pct(p.share)] for p in time_breakdown(data) if p.seconds > 0],
         )
     if any(s.steps for s in stats):
         doc.h(2, "Step latency per role")

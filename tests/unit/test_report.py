@@ -105,8 +105,9 @@ def test_numbers_of_a_small_run(tmp_path: Path) -> None:
     assert pieces["student steps"].seconds == pytest.approx(1 + 2)
     assert pieces["waiting before teacher"].seconds == pytest.approx(1)
     assert pieces["waiting before student"].seconds == pytest.approx(1)
-    # a: 1 s after its last step; c: 1 s after the teacher (it failed on the way).
-    assert pieces["after the last step (to the sink)"].seconds == pytest.approx(2)
+    # a: 1 s after its last step; c failed in the student 1 s after its teacher step.
+    assert pieces["after the last step (to the sink)"].seconds == pytest.approx(1)
+    assert pieces["in student until the task failed there"].seconds == pytest.approx(1)
     assert pieces["teacher steps"].share == pytest.approx(7 / total)
 
     stats = {s.role: s for s in role_stats(data)}
@@ -119,6 +120,8 @@ def test_numbers_of_a_small_run(tmp_path: Path) -> None:
     assert "50% of task time was spent in teacher's steps" in sentence
     assert "21% in student's" in sentence
     assert "waiting between steps (queue + hop) took 14%" in sentence
+    assert "7% went to steps that failed the task (not in the records), most in student (7%)" in sentence
+    assert "to the sink" in sentence  # 1 s of 14: over 5%
 
 
 def test_throughput_and_in_flight_series(tmp_path: Path) -> None:
