@@ -26,6 +26,7 @@ class ServiceHost:
         self._kind = kind
         self._service: Any = None
         self._discovery: Any = None
+        self._metrics_ep: Any = None
         self._address = asyncio.run_coroutine_threadsafe(
             self._start(discovery_url, dict(options)), self._loop
         ).result(timeout=120)
@@ -52,7 +53,16 @@ class ServiceHost:
             )
         else:
             raise ValueError(f"unknown service kind {self._kind!r}")
-        return str(await self._service.start())
+        address = str(await self._service.start())
+        from agentmesh.metrics import serve_metrics
+
+        # the registry's pools and leases, the holder's exec latency: scraped like the run's replicas
+        # (a run's registry is named after the run)
+        name = str(options.get("registry_name") or options.get("name") or "")
+        self._metrics_ep = await serve_metrics(
+            job=self._kind, labels={"registry": name, "run": name} if name else {}, discovery=self._discovery
+        )
+        return address
 
     def address(self) -> str:
         return str(self._address)
@@ -62,6 +72,9 @@ class ServiceHost:
 
     def stop(self) -> None:
         async def _stop() -> None:
+            if self._metrics_ep is not None:
+                with contextlib.suppress(Exception):
+                    await self._metrics_ep.close()
             with contextlib.suppress(Exception):
                 await self._service.stop()
             with contextlib.suppress(Exception):
