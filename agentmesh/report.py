@@ -383,6 +383,20 @@ def headline(data: RunData) -> dict[str, Any]:
     }
 
 
+def _llm_bound(data: RunData, roles: Sequence[str]) -> str:
+    """'mostly LLM calls, mean 24 s each' when summary.json's one model explains those steps."""
+    rows = [r for r in (data.summary or {}).get("llm") or [] if isinstance(r, Mapping)]
+    means = [float(r["latency_mean_s"]) for r in rows if isinstance(r.get("latency_mean_s"), int | float)]
+    if len(means) != 1 or means[0] <= 0:
+        return ""
+    stats = {s.role: s for s in role_stats(data)}
+    llm_roles = [r for r in roles if r in stats and (stats[r].prompt_tokens or stats[r].completion_tokens)]
+    # Only when the LLM call is most of each of those roles' mean step.
+    if not llm_roles or any(means[0] < 0.8 * stats[r].mean_s for r in llm_roles):
+        return ""
+    return f"mostly LLM calls, mean {fmt_s(means[0])} each"
+
+
 def key_sentence(data: RunData) -> str:
     """One or two sentences that say where the time went."""
     if data.tasks == 0:
@@ -403,7 +417,8 @@ def key_sentence(data: RunData) -> str:
         top = steps[:3]
         said = [f"{_pct(top[0].share)} of task time was spent in {top[0].role}'s steps"]
         said += [f"{_pct(p.share)} in {p.role}'s" for p in top[1:]]
-        parts.append(", ".join(said))
+        llm_note = _llm_bound(data, [p.role for p in top if p.role])
+        parts.append(", ".join(said) + (f" ({llm_note})" if llm_note else ""))
     if waits and wait_total >= 0.01:
         worst = waits[0]
         parts.append(

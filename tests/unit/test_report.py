@@ -264,3 +264,11 @@ def test_rerun_removes_stale_plots(tmp_path: Path) -> None:
     text = write_report(run).read_text()
     assert "No task failed." in text
     assert not (run / "report" / "failures.png").exists()
+
+
+@pytest.mark.parametrize(("llm_mean_s", "said"), [(2.5, True), (1.5, False)])
+def test_key_sentence_says_when_steps_are_llm_calls(tmp_path: Path, llm_mean_s: float, said: bool) -> None:
+    # Step means: teacher 7/3 s, student 1.5 s; the note needs the LLM call >= 80% of each.
+    summary = {"llm": [{"model": "m", "replica": "m-0", "latency_mean_s": llm_mean_s}]}
+    data = load_run(write_run(tmp_path / "run", three_tasks(), summary=summary))
+    assert ("(mostly LLM calls, mean 2.5 s each)" in key_sentence(data)) is said
