@@ -40,7 +40,6 @@ from agentmesh.tracing import (
     finish_task,
     hop_arrived,
     inject_into,
-    server_interceptors,
     tracer,
     uncarry_open,
 )
@@ -280,9 +279,7 @@ class RunDriver:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> str:
-        server = grpc.aio.server(
-            options=server_options(self._max_message_bytes), interceptors=server_interceptors()
-        )
+        server = grpc.aio.server(options=server_options(self._max_message_bytes))
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_insecure_port(f"{self._host}:0")

@@ -56,6 +56,7 @@ __all__ = [
     "inject_into",
     "server_interceptors",
     "state",
+    "traced_call_metadata",
     "tracer",
     "uncarry_open",
 ]
@@ -64,8 +65,19 @@ log = logging.getLogger(__name__)
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+_TRACER = trace.get_tracer("agentmesh")  # a proxy until a provider is set, then that provider's
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("agentmesh")
+    return _TRACER
+
+
+def traced_call_metadata() -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata carrying the current span's context, None if it is not sampled (cheap)."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.trace_flags.sampled:
+        return None
+    return (("traceparent", f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"),)
 
 
 @dataclass

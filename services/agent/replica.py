@@ -38,7 +38,6 @@ from agentmesh.tracing import (
     carry_spans,
     context_from,
     hop_arrived,
-    server_interceptors,
     tracer,
     uncarry_open,
 )
@@ -224,9 +223,7 @@ class AgentReplica:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> str:
-        server = grpc.aio.server(
-            options=server_options(self.limits.max_message_bytes), interceptors=server_interceptors()
-        )
+        server = grpc.aio.server(options=server_options(self.limits.max_message_bytes))
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

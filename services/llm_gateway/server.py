@@ -68,6 +68,7 @@ from agentmesh.errors import AgentMeshError, DiscoveryError, LlmError, LlmReques
 from agentmesh.llm_gateway.accounting import LlmAccounting
 from agentmesh.llm_gateway.client import LlmClient, llm_service_name
 from agentmesh.llm_gateway.constants import LLM_TIMEOUT_S
+from agentmesh.tracing import server_interceptors
 from agentmesh.v1 import llm_gateway_pb2 as pb
 from agentmesh.v1 import llm_gateway_pb2_grpc as pb_grpc
 from agentmesh.v1 import orchestrator_pb2 as opb
@@ -517,7 +518,8 @@ class GatewayServer:
             options=[
                 ("grpc.max_receive_message_length", _MAX_BODY_BYTES),
                 ("grpc.max_send_message_length", _MAX_BODY_BYTES),
-            ]
+            ],
+            interceptors=server_interceptors(),
         )
         pb_grpc.add_LlmGatewayServicer_to_server(_Servicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -138,12 +138,10 @@ def _check_complete_trace(spans: list[Any], *, roles: tuple[str, ...] = ROLES) -
             assert s.end_time >= s.start_time
         if s.name.startswith("hop "):
             assert s.kind == SpanKind.CLIENT and s.attributes.get("agentmesh.to_replica"), s.name
-    # the Deliver of every hop is a server span, child of that hop (context from gRPC metadata)
-    delivers = [s for s in spans if s.name == "rpc AgentService/Deliver"]
-    assert len(delivers) == len(hops), names
-    for d in delivers:
-        assert d.kind == SpanKind.SERVER
-        assert by_id[d.parent.span_id].name.startswith("hop ")
+    # the mesh's own Deliver has no server span: the hop times the send, the queue span starts at
+    # arrival (a grpc.aio server interceptor on the busiest RPC cost ~7% of throughput in
+    # bench/tracing.py); other services' calls get one, see test_interceptors_*
+    assert not [s for s in spans if s.kind == SpanKind.SERVER]
     # every LLM call: inside its step, with model, replica, tokens and time to first token
     llm_spans = [s for s in spans if s.name.startswith("llm.")]
     llm_roles = [r for r in roles if r in ("writer", "critic")]
@@ -222,3 +220,45 @@ async def test_tail_ratio_also_keeps_a_share_of_the_rest(etcd: EtcdServer, tmp_p
         _check_complete_trace(spans)
         root = next(s for s in spans if s.parent is None)
         assert root.attributes["agentmesh.trace_kept"] == "sampled"
+
+
+async def test_interceptors_carry_the_context_in_metadata_and_open_a_server_span() -> None:
+    """Any other gRPC service of the mesh (registry, holders, gateway): a server span per traced
+    call, a child of the caller's span, with no code in the servicer."""
+    import grpc
+
+    from agentmesh.tracing import client_interceptors, server_interceptors, tracer
+
+    configure_tracing("agentmesh-test", sampling="always", exporter=EXPORTER)
+    seen: list[str | None] = []
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(dict(context.invocation_metadata()).get("traceparent"))
+        if request == b"bad":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: bad")
+        return request
+
+    server = grpc.aio.server(interceptors=server_interceptors())
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Say": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors()) as ch:
+            say = ch.unary_unary("/test.Echo/Say")
+            assert await say(b"untraced") == b"untraced"  # no current span: no metadata, no span
+            with tracer().start_as_current_span("caller") as caller:
+                assert await say(b"hi") == b"hi"
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await say(b"bad")
+    finally:
+        await server.stop(0)
+    assert seen[0] is None and seen[1] is not None and f"{caller.get_span_context().trace_id:032x}" in seen[1]
+    servers = [s for s in EXPORTER.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [s.name for s in servers] == ["rpc Echo/Say", "rpc Echo/Say"]
+    for s in servers:
+        assert s.parent.span_id == caller.get_span_context().span_id
+        assert s.attributes["rpc.service"] == "test.Echo" and s.attributes["rpc.method"] == "Say"
+    assert servers[0].status.status_code == trace.StatusCode.UNSET
+    assert servers[1].status.status_code == trace.StatusCode.ERROR
+    assert servers[1].attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
