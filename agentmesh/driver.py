@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
 from agentmesh.agent.payload import PayloadStore
 from agentmesh.agent.peers import PeerRouter, agent_service, server_options
@@ -36,12 +36,12 @@ from agentmesh.discovery import Discovery, Endpoint, EndpointCache, Registration
 from agentmesh.errors import RpcError
 from agentmesh.sink import record_from_orchestrator
 from agentmesh.tracing import (
-    carry_spans,
     finish_task,
     hop_arrived,
+    hop_failed,
+    hop_span,
     inject_into,
     tracer,
-    uncarry_open,
 )
 from agentmesh.v1 import agent_pb2 as apb
 from agentmesh.v1 import orchestrator_pb2 as pb
@@ -346,19 +346,13 @@ class RunDriver:
     async def _deliver_first(self, info: _InFlight) -> None:
         orch = self._new_orchestrator(info)
         first = orch.routing.current_role
-        with tracer().start_as_current_span(
-            f"hop source -> {first}",
-            context=_span_context(info.span),
-            kind=SpanKind.CLIENT,
-            attributes={"agentmesh.task_id": orch.task_id, "agentmesh.to_role": first},
-        ) as span:
-            carry_spans(orch, open_span=span)
+        with hop_span(orch, "source", first, _span_context(info.span)) as span:
             try:
                 to = await self._router.deliver(first, orch, deadline=time.monotonic() + 120.0)
                 span.set_attribute("agentmesh.to_replica", to)
                 return
             except RpcError as exc:
-                uncarry_open(orch, span)
+                hop_failed(orch, span, f"could not deliver to the first role: {exc}")
                 err = exc
         orch.status = pb.TASK_STATUS_FAILED
         orch.error.code = "admission"

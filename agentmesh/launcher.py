@@ -277,7 +277,7 @@ def run_pipeline(
     """Run ``cfg`` to the end and return its progress counters (also written to summary.json)."""
     from agentmesh.agent.payload import RayPayloadStore
     from agentmesh.sink import SinkWriter
-    from agentmesh.tracing import configure_tracing
+    from agentmesh.tracing import configure_tracing_from
 
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,14 +299,7 @@ def run_pipeline(
         say("nothing to do: every task of the dataset is already written")
         return RunProgress(total=0, resumed=len(done))
 
-    configure_tracing(
-        "agentmesh.driver",
-        sampling=cfg.tracing.sampling,
-        otlp_endpoint=cfg.tracing.otlp_endpoint,
-        sample_ratio=cfg.tracing.sample_ratio,
-        slow_s=cfg.tracing.slow_s,
-        console=cfg.tracing.console,
-    )
+    configure_tracing_from("agentmesh.driver", cfg.tracing)
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
         discovery_url = cfg.discovery.url

@@ -23,12 +23,13 @@ Sampling (``configure_tracing(sampling=...)``), decided once per task:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from agentmesh.config import SAMPLING_MODES
+from agentmesh.config import SAMPLING_MODES, TracingConfig
 from agentmesh.errors import ConfigError
 from agentmesh.v1 import orchestrator_pb2 as pb
 
@@ -49,10 +50,13 @@ __all__ = [
     "carry_spans",
     "client_interceptors",
     "configure_tracing",
+    "configure_tracing_from",
     "context_from",
     "finish_task",
     "force_flush",
     "hop_arrived",
+    "hop_failed",
+    "hop_span",
     "inject_into",
     "server_interceptors",
     "state",
@@ -180,6 +184,18 @@ def configure_tracing(
     return _STATE.on
 
 
+def configure_tracing_from(service_name: str, cfg: TracingConfig) -> bool:
+    """:func:`configure_tracing` with a run config's ``tracing:`` section."""
+    return configure_tracing(
+        service_name,
+        sampling=cfg.sampling,
+        otlp_endpoint=cfg.otlp_endpoint,
+        sample_ratio=cfg.sample_ratio,
+        slow_s=cfg.slow_s,
+        console=cfg.console,
+    )
+
+
 def force_flush(timeout_ms: int = 10_000) -> None:
     """Export what this process's destinations still hold (before it exits)."""
     if _router is not None:
@@ -233,8 +249,7 @@ class _RouterProcessor(SpanProcessor):
     def on_end(self, span: Any) -> None:
         if self.tail is not None:
             if self.tail.add(span):  # a straggler of a trace already kept: it goes out after it
-                for d in self.destinations:
-                    d.on_end(span)
+                self.export([span])
             return
         for d in self.destinations:
             d.on_end(span)
@@ -335,6 +350,28 @@ def context_from(orch: pb.Orchestrator) -> otel_context.Context | None:
 def _tail() -> _TailBuffer | None:
     r = _router
     return r.tail if r is not None else None
+
+
+@contextlib.contextmanager
+def hop_span(orch: pb.Orchestrator, from_role: str, to_role: str, parent: Any) -> Iterator[Any]:
+    """The span of one hop (``hop <from> -> <to>``, CLIENT, a child of the task's root): current
+    while the task is sent, and travelling open inside it under tail sampling. A send that fails
+    is reported with :func:`hop_failed` inside the block."""
+    with tracer().start_as_current_span(
+        f"hop {from_role} -> {to_role}",
+        context=parent,
+        kind=SpanKind.CLIENT,
+        attributes={"agentmesh.task_id": orch.task_id, "agentmesh.to_role": to_role},
+    ) as span:
+        carry_spans(orch, open_span=span)  # tail sampling: the task takes its spans along
+        yield span
+
+
+def hop_failed(orch: pb.Orchestrator, span: Any, error: str) -> None:
+    """The hop did not deliver: its span ends here, with the error, and no longer travels."""
+    uncarry_open(orch, span)
+    span.set_attribute("agentmesh.error", error)
+    span.set_status(Status(StatusCode.ERROR, error[:200]))
 
 
 def carry_spans(orch: pb.Orchestrator, open_span: Any = None) -> None:

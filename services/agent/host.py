@@ -51,20 +51,13 @@ class ReplicaHost:
         from agentmesh.config import RunConfig
         from agentmesh.discovery import EndpointCache, connect
         from agentmesh.loader import load_object
-        from agentmesh.tracing import configure_tracing
+        from agentmesh.tracing import configure_tracing_from
 
         cfg = RunConfig.from_dict(self._run["config"])
         run_id: str = self._run["run_id"]
         role = cfg.roles[self._role_name]
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        configure_tracing(
-            f"agentmesh.{self._role_name}",
-            sampling=cfg.tracing.sampling,
-            otlp_endpoint=cfg.tracing.otlp_endpoint,
-            sample_ratio=cfg.tracing.sample_ratio,
-            slow_s=cfg.tracing.slow_s,
-            console=cfg.tracing.console,
-        )
+        configure_tracing_from(f"agentmesh.{self._role_name}", cfg.tracing)
         discovery = connect(self._run["discovery_url"])
         cache = EndpointCache(discovery)
         metrics: Any = None

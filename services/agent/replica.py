@@ -26,7 +26,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from agentmesh.agent.payload import PayloadStore
 from agentmesh.agent.peers import LOAD_METADATA_KEY, PeerRouter, agent_service, encode_load, server_options
@@ -38,8 +37,9 @@ from agentmesh.tracing import (
     carry_spans,
     context_from,
     hop_arrived,
+    hop_failed,
+    hop_span,
     tracer,
-    uncarry_open,
 )
 from agentmesh.v1 import agent_pb2 as apb
 from agentmesh.v1 import orchestrator_pb2 as pb
@@ -444,14 +444,8 @@ class AgentReplica:
 
     async def _forward(self, orch: pb.Orchestrator, next_role: str, parent: Any) -> None:
         orch.routing.current_role = next_role
-        with tracer().start_as_current_span(
-            f"hop {self.role_name} -> {next_role}",
-            context=parent,
-            kind=SpanKind.CLIENT,
-            attributes={"agentmesh.task_id": orch.task_id, "agentmesh.to_role": next_role},
-        ) as span:
+        with hop_span(orch, self.role_name, next_role, parent) as span:
             deadline = time.monotonic() + self.limits.forward_timeout_s
-            carry_spans(orch, open_span=span)  # tail sampling: the task takes its spans along
             sent = time.monotonic()
             try:
                 to = await self.router.deliver(next_role, orch, deadline=deadline)
@@ -464,11 +458,9 @@ class AgentReplica:
                 err = f"forward to {next_role!r} refused: {exc}"
             except Exception as exc:
                 err = f"forward to {next_role!r} failed: {exc}"
-            uncarry_open(orch, span)
+            hop_failed(orch, span, err)
             if self.metrics is not None:
                 self.metrics.hop(next_role, time.monotonic() - sent, ok=False)
-            span.set_attribute("agentmesh.error", err)
-            span.set_status(Status(StatusCode.ERROR, err[:200]))
         log.warning("%s: task %s: %s", self.replica_id, orch.task_id, err)
         if next_role == SINK:
             return  # the sink is unreachable: the source's recovery re-admits the task
