@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def gw() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # gateway.py imports its sibling _common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_gateway", BENCH / "gateway.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_bench("bench_gateway", "gateway.py")
 
 
 def test_imbalance_is_max_over_mean_per_sample_and_skips_idle_samples(gw: ModuleType) -> None:

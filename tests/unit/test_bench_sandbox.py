@@ -3,8 +3,6 @@ latency summary, the disk count, and the goals' verdicts."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -12,22 +10,12 @@ from typing import Any
 import pytest
 
 from agentmesh.v1 import container_pb2 as cpb
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def sb() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # sandbox.py imports its sibling _common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_sandbox", BENCH / "sandbox.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_bench("bench_sandbox", "sandbox.py")
 
 
 def test_over_creation_is_zero_when_pool_handed_out_and_refilled(sb: ModuleType) -> None:

@@ -4,9 +4,6 @@ markdown block, and how the receiver counts an OTLP export request."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,31 +13,17 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agentmesh.config import load_config
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str, file: str) -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their sibling _common
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / file)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def tb() -> ModuleType:
-    return _load("bench_tracing", "tracing.py")
+    return load_bench("bench_tracing", "tracing.py")
 
 
 @pytest.fixture(scope="module")
 def sink() -> ModuleType:
-    return _load("bench_otlp_sink", "otlp_sink.py")
+    return load_bench("bench_otlp_sink", "otlp_sink.py")
 
 
 def test_modes_offer_tail_only_where_tracing_has_it(tb: ModuleType) -> None:
