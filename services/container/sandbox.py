@@ -146,6 +146,14 @@ class ScratchSandbox(Sandbox):
     its files that way, so the layout is defined once."""
 
     root: Path
+    _destroyed: bool
+
+    def check_exec(self, argv: Sequence[str]) -> None:
+        """What every backend refuses before running anything: a destroyed sandbox, a bad argv."""
+        if self._destroyed:
+            raise SandboxError(f"sandbox {self.id} is destroyed")
+        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
+            raise SandboxError("argv: expected a non-empty list of strings")
 
     @property
     def work_dir(self) -> Path:

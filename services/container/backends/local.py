@@ -126,10 +126,7 @@ class LocalSandbox(ScratchSandbox):
         cwd: str = "/work",
         timeout_s: float | None = None,
     ) -> ExecResult:
-        if self._destroyed:
-            raise SandboxError(f"sandbox {self.id} is destroyed")
-        if not argv:
-            raise SandboxError("argv: must not be empty")
+        self.check_exec(argv)
         lim = self.spec.limits
         timeout = min(lim.wall_time_s, timeout_s) if timeout_s and timeout_s > 0 else lim.wall_time_s
         full_env = {**BASE_ENV, **self.spec.env, **(env or {})}

@@ -482,10 +482,7 @@ class PodmanSandbox(ScratchSandbox):
         cwd: str = "/work",
         timeout_s: float | None = None,
     ) -> ExecResult:
-        if self._destroyed:
-            raise SandboxError(f"sandbox {self.id} is destroyed")
-        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
-            raise SandboxError("argv: expected a non-empty list of strings")
+        self.check_exec(argv)
         if not isinstance(cwd, str) or not cwd.startswith("/"):
             raise SandboxError(f"cwd: expected an absolute path, got {cwd!r}")
         env = dict(env or {})
