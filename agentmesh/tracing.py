@@ -46,7 +46,6 @@ from agentmesh.v1 import orchestrator_pb2 as pb
 
 __all__ = [
     "SAMPLING_MODES",
-    "TracingState",
     "carry_spans",
     "client_interceptors",
     "configure_tracing",
@@ -59,7 +58,6 @@ __all__ = [
     "hop_span",
     "inject_into",
     "server_interceptors",
-    "state",
     "traced_call_metadata",
     "tracer",
     "uncarry_open",
@@ -103,10 +101,6 @@ _LOCK = threading.Lock()
 _provider: Any = None  # the SDK TracerProvider this module installed
 _sampler: Any = None  # its _SwitchSampler
 _router: Any = None  # its _RouterProcessor
-
-
-def state() -> TracingState:
-    return _STATE
 
 
 # -- configuration ---------------------------------------------------------------------------
