@@ -27,6 +27,7 @@ examples:
   agentmesh run examples/collab_reasoning/config.yaml
   agentmesh run examples/collab_reasoning/config.yaml dataset.limit=40 roles.teacher.replicas=3
   agentmesh run examples/collab_reasoning/sim.yaml output.dir=out/sim limits.max_in_flight=512
+  agentmesh run examples/collab_reasoning/sim.yaml --cluster default   # on a cluster that is up
 
 exit codes: 0 every task done; 1 some tasks failed (see the output's records); 2 bad config or
 command line; 3 the run could not start or broke.
@@ -79,8 +80,24 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from agentmesh.config import load_config
     from agentmesh.launcher import run_pipeline
 
+    overrides = list(ns.overrides)
+    if ns.cluster is not None:
+        from agentmesh.cluster import ClusterError, resolve_cluster
+
+        try:
+            ray_address, discovery_url = resolve_cluster(ns.cluster)
+        except ClusterError as exc:
+            print(f"agentmesh: --cluster: {exc}", file=sys.stderr)
+            return 2
+        # The cluster fills in what the command line did not say (an explicit override wins).
+        given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+        overrides += [
+            f"{key}={value}"
+            for key, value in (("ray.address", ray_address), ("discovery.url", discovery_url))
+            if key not in given
+        ]
     try:
-        cfg = load_config(ns.config, ns.overrides)
+        cfg = load_config(ns.config, overrides)
     except ConfigError as exc:
         print(f"agentmesh: config error: {exc}", file=sys.stderr)
         return 2
@@ -177,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="Hydra overrides, e.g. dataset.limit=40 roles.teacher.replicas=2"
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary line")
+    run.add_argument(
+        "--cluster",
+        default=None,
+        metavar="NAME",
+        help="run on the cluster `agentmesh cluster up --name NAME` started (local or Slurm)",
+    )
     run.set_defaults(func=_cmd_run)
     add_llm_commands(sub)
     add_cluster_commands(sub)

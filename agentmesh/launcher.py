@@ -277,7 +277,7 @@ def run_pipeline(
     """Run ``cfg`` to the end and return its progress counters (also written to summary.json)."""
     from agentmesh.agent.payload import RayPayloadStore
     from agentmesh.sink import SinkWriter
-    from agentmesh.tracing import configure_tracing_from
+    from agentmesh.tracing import configure_tracing_from, force_flush
 
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +301,8 @@ def run_pipeline(
 
     configure_tracing_from("agentmesh.driver", cfg.tracing)
     with contextlib.ExitStack() as stack:
+        # Last out: the driver's spans (task roots) reach the exporter even for in-process callers.
+        stack.callback(force_flush)
         stack.callback(writer.close)
         discovery_url = cfg.discovery.url
         if discovery_url is None:
