@@ -103,6 +103,31 @@ class ClusterRecord:
     ports: dict[str, int] = field(default_factory=dict)
     created_at: float = 0.0
     kind: str = "local"
+    """``local`` (this module) or ``slurm`` (:mod:`agentmesh.cluster.slurm`)."""
+    cluster_id: str = ""
+    """A uuid every process of the cluster carries as ``AGENTMESH_CLUSTER_ID`` in its environment."""
+    state: str = "up"
+    """``starting``, ``up`` or ``stopping`` (a Slurm head resubmits vanished workers only when ``up``)."""
+    jobs_address: str = ""
+    """``127.0.0.1:PORT`` of the cluster's job manager; empty where none runs."""
+    jobs_keeper_pid: int = 0
+    """Local: the process (in a session of its own) that runs and restarts the job manager."""
+    # Slurm only: the jobs of the cluster and where its shared state lives.
+    head_job_id: str = ""
+    worker_job_ids: list[str] = field(default_factory=list)
+    """The current job of each worker slot (a resubmitted worker replaces its slot's id)."""
+    all_job_ids: list[str] = field(default_factory=list)
+    """Every job ever submitted for the cluster, in order (``down`` cancels them all)."""
+    job_names: list[str] = field(default_factory=list)
+    node: str = ""
+    """The node the head runs on."""
+    state_dir: str = ""
+    """``$AGENTMESH_HOME/clusters/NAME/``: scripts, job logs, the head's ready file, job manager state."""
+    slurm_options: dict[str, str] = field(default_factory=dict)
+    worker_cpus: float = 0.0
+    """Ray CPUs each worker offers."""
+    resubmitted: int = 0
+    """How many worker jobs the head resubmitted after they vanished."""
 
     @property
     def path(self) -> Path:
@@ -118,7 +143,7 @@ class ClusterRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def all_pids(self) -> list[int]:
-        return sorted({*self.ray_pids, self.etcd_pid, self.etcd_keeper_pid})
+        return sorted({*self.ray_pids, self.etcd_pid, self.etcd_keeper_pid, self.jobs_keeper_pid} - {0})
 
 
 def load_record(name: str = DEFAULT_CLUSTER) -> ClusterRecord:
@@ -145,6 +170,11 @@ def resolve_cluster(
     if ray_address and discovery_url:
         return ray_address, discovery_url
     record = load_record(name)
+    if record.kind == "slurm":
+        # A record outlives a head that Slurm ended: say so here rather than time out on its address.
+        from agentmesh.cluster.slurm import check_head_running
+
+        check_head_running(record)
     return ray_address or record.ray_address, discovery_url or record.discovery_url
 
 
