@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,20 @@ def test_cli_exit_codes(
     else:
         assert job_cli(["job", "list", "--cluster", "jobs-it"]) == 3
         assert "cluster jobs-it has no job manager" in capsys.readouterr().err
+
+
+def test_an_attempt_whose_actor_dies_is_retried(client: JobClient, tmp_path: Path) -> None:
+    # Attempt 1 stands for a task on a node that dies: its actor's process and the task are killed.
+    cmd = (
+        f'if [ "$AGENTMESH_TASK_ATTEMPT" = 1 ]; then echo $$ $PPID > {tmp_path}/pids; exec sleep 30; fi; '
+        "echo second attempt"
+    )
+    job_id = client.submit(_job("lost", [{"name": "n", "command": cmd, "retries": 1, "backoff_s": 0.1}]))
+    pids = wait_until(lambda: (tmp_path / "pids").exists() and (tmp_path / "pids").read_text().split())
+    task_pid, actor_pid = (int(p) for p in pids)
+    os.kill(actor_pid, signal.SIGKILL)
+    os.kill(task_pid, signal.SIGKILL)
+    status = client.wait(job_id, timeout_s=60)
+    n = status.task("n")
+    assert (status.state, n.state, n.attempts) == ("SUCCEEDED", "SUCCEEDED", 2)
+    assert "".join(client.logs(job_id, "n")) == "second attempt\n"

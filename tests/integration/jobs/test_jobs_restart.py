@@ -1,0 +1,95 @@
+"""A job manager killed mid-job (SIGKILL), and one stopped (SIGTERM), loses nothing when started
+again on the same state directory: running attempts (detached Ray actors) outlive it and are
+re-attached, and every task completes exactly once."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from agentmesh.cluster import ClusterRecord
+from agentmesh.jobs.client import JobClient
+from agentmesh.jobs.states import JobStatus
+
+from .helpers import REPO, ManagerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(") ", 1)[1][0] not in "ZX"
+
+
+def _running_pids(status: JobStatus, work: Path) -> list[int]:
+    return [
+        int((work / f"pid.{t.name}").read_text())
+        for t in status.tasks
+        if t.state == "RUNNING" and (work / f"pid.{t.name}").exists()
+    ]
+
+
+def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
+    jobs_cluster: ClusterRecord, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    done = work / "done.txt"
+    # The side effect happens once per completed run: a second completion would add a second line.
+    cmd = f"echo $$ > {work}/pid.$AGENTMESH_TASK_NAME; sleep 1.2; echo $AGENTMESH_TASK_NAME >> {done}"
+    names = [f"r{i}" for i in range(9)]
+    spec = {
+        "name": "restart",
+        "concurrency": 3,
+        "resources": {"cpus": 0.1},
+        "cwd": str(REPO),
+        "tasks": [{"name": n, "command": cmd} for n in names],
+    }
+    manager = ManagerProcess(tmp_path / "state", jobs_cluster)
+    try:
+        with JobClient(manager.start()) as client:
+            job_id = client.submit(spec)
+
+            def mid_job() -> JobStatus | None:
+                st = client.status(job_id)
+                counts = st.task_counts
+                ready = counts.get("RUNNING", 0) == 3 and counts.get("PENDING", 0) > 0
+                return st if ready and len(_running_pids(st, work)) == 3 else None
+
+            before = wait_until(mid_job, 30, "three tasks running, some pending")
+        pids = _running_pids(before, work)
+        assert manager.kill(signal.SIGKILL) == -signal.SIGKILL
+        # The attempts outlive the manager (detached actors) and finish while it is away.
+        assert all(_alive(p) for p in pids)
+        wait_until(lambda: done.exists() and len(done.read_text().split()) >= 3, 15, "tasks ending meanwhile")
+
+        with JobClient(manager.start()) as client:
+            mid = wait_until(
+                lambda: (
+                    (st := client.status(job_id)).task_counts.get("RUNNING", 0) > 0
+                    and len(_running_pids(st, work)) > 0
+                    and st
+                ),
+                30,
+                "tasks running after the restart",
+            )
+            pids = _running_pids(mid, work)
+        # SIGTERM: a clean stop that leaves running attempts alone.
+        assert manager.kill(signal.SIGTERM) == 0
+        assert any(_alive(p) for p in pids) or len(done.read_text().split()) == len(names)
+
+        with JobClient(manager.start()) as client:
+            final = client.wait(job_id, timeout_s=60)
+            assert final.state == "SUCCEEDED", [(t.name, t.state, t.error) for t in final.tasks]
+            assert [(t.name, t.state, t.attempts) for t in final.tasks] == [
+                (n, "SUCCEEDED", 1) for n in names
+            ]
+            assert sorted(done.read_text().split()) == names  # each side effect exactly once
+            assert "".join(client.logs(job_id, "r0")) == ""  # logs still readable (this task prints nothing)
+    finally:
+        manager.stop()
