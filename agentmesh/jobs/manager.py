@@ -48,10 +48,14 @@ _STOP_TIMEOUT_S = 15.0
 
 
 class UnknownJob(KeyError):
-    """No job (or task, or attempt) by that id in this manager's store."""
+    """No job (or task) by that name in this manager's store; ``field`` names the request field."""
+
+    def __init__(self, message: str, *, field: str = "job_id") -> None:
+        super().__init__(message)
+        self.field = field
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown job"
+        return f"{self.field}: {self.args[0]}"
 
 
 def _new_job_id(name: str) -> str:
@@ -209,7 +213,7 @@ class JobManager:
         if not self.store.has_job(job_id):
             raise UnknownJob(f"no job {job_id!r}")
         if self.store.task_state(job_id, task) is None:
-            raise UnknownJob(f"job {job_id} has no task {task!r}")
+            raise UnknownJob(f"job {job_id} has no task {task!r}", field="task")
         return self.store.attempt(job_id, task, attempt)
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -305,11 +309,17 @@ class JobManager:
         )
 
     async def _follow(self, rec: AttemptRecord, actor: Any) -> None:
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
             while True:
-                raw = await actor.wait.remote(_WAIT_SLICE_S)
+                try:
+                    raw = await actor.wait.remote(_WAIT_SLICE_S)
+                except ActorUnavailableError:
+                    # Unreachable for now (its node is restarting its connection), not dead: a
+                    # retry here could run the task twice. Ask again.
+                    await asyncio.sleep(1.0)
+                    continue
                 if raw is not None:
                     outcome = AttemptOutcome(**raw)
                     break

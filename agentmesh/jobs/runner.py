@@ -114,13 +114,17 @@ class AttemptRunner:
         self._proc: subprocess.Popen[bytes] | None = None
         self._node = socket.gethostname()
         self._started = time.time()
+        cwd = self.launch.cwd
         try:
+            if cwd and not os.path.isdir(cwd):
+                raise NotADirectoryError(f"cwd {cwd} is not a directory on {self._node}")
             self._proc = self._spawn()
         except OSError as exc:
+            reason = str(exc) if isinstance(exc, NotADirectoryError) else exc.strerror or str(exc)
             self._finish(
                 AttemptOutcome(
                     ok=False,
-                    error=f"cannot start {self.launch.argv[0]!r}: {exc.strerror or exc}",
+                    error=f"cannot start {self.launch.argv[0]!r}: {reason}",
                     started_unix=self._started,
                     ended_unix=time.time(),
                     node=self._node,

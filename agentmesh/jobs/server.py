@@ -101,7 +101,7 @@ class JobServer(jgrpc.JobServiceServicer):
         try:
             return self.manager.get(request.job_id).to_pb()
         except UnknownJob as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: {exc}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             raise  # unreachable: abort raises
 
     async def List(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsReply:
@@ -111,7 +111,7 @@ class JobServer(jgrpc.JobServiceServicer):
         try:
             return (await self.manager.cancel(request.job_id)).to_pb()
         except UnknownJob as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: {exc}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             raise
 
     async def ReadLog(self, request: jpb.ReadLogRequest, context: Any) -> AsyncIterator[jpb.LogChunk]:
@@ -132,8 +132,7 @@ class JobServer(jgrpc.JobServiceServicer):
                 await asyncio.sleep(_FOLLOW_POLL_S)
                 rec = self.manager.attempt(request.job_id, request.task, request.attempt or None)
         except UnknownJob as exc:
-            field = "task" if "task" in str(exc) else "job_id"
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{field}: {exc}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             return
         if rec is None:
             what = f"attempt {request.attempt}" if request.attempt else "any attempt"

@@ -64,6 +64,14 @@ def test_missing_program(tmp_path: Path) -> None:
     assert "cannot start '/no/such/program'" in out["error"]
 
 
+def test_missing_cwd(tmp_path: Path) -> None:
+    launch = _launch(tmp_path, ["true"])
+    launch["cwd"] = str(tmp_path / "gone")
+    out = AttemptRunner(launch).wait(10)
+    assert out is not None and not out["ok"]
+    assert out["error"].startswith(f"cannot start 'true': cwd {tmp_path / 'gone'} is not a directory on ")
+
+
 def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     t0 = time.monotonic()

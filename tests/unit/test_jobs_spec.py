@@ -145,3 +145,24 @@ def test_load_errors_name_the_file_and_field(tmp_path: Path) -> None:
         load_job_spec(broken)
     with pytest.raises(ConfigError, match="cannot read"):
         load_job_spec(tmp_path / "missing.yaml")
+
+
+def test_status_table_lists_every_task() -> None:
+    from agentmesh.jobs.cli import render_status
+    from agentmesh.jobs.states import JobStatus, TaskStatus
+
+    status = JobStatus(
+        job_id="j-1",
+        name="j",
+        state="FAILED",
+        tasks=[
+            TaskStatus("ok", "SUCCEEDED", 1, 0, "", None, 10.0, 12.5),
+            TaskStatus("bad", "FAILED", 3, 4, "exit code 4: boom"),
+        ],
+        task_counts={"SUCCEEDED": 1, "FAILED": 1},
+    )
+    lines = render_status(status).splitlines()
+    assert lines[0] == "job j-1 (j): FAILED  [1 failed, 1 succeeded]"
+    assert lines[1].split() == ["TASK", "STATE", "ATTEMPTS", "EXIT", "DURATION", "ERROR"]
+    assert lines[2].split() == ["ok", "SUCCEEDED", "1", "0", "2.5s"]
+    assert lines[3].split() == ["bad", "FAILED", "3", "4", "-", "exit", "code", "4:", "boom"]
