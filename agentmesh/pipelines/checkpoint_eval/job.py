@@ -506,8 +506,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agentmesh.launcher import RAY_ENV
 
     ns = _parser().parse_args(list(argv) if argv is not None else None)
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
     try:
         benchmarks = parse_benchmark_names(ns.benchmarks)
         if (ns.ray_address is None) != (ns.discovery is None):
@@ -532,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             job_name=ns.job_name,
             wait_timeout_s=ns.wait_timeout,
         )
+        # Before Ray is imported (the job client does not need it, the cluster lookups may).
+        for k, v in RAY_ENV.items():
+            os.environ.setdefault(k, v)
         result = run_checkpoint_eval(cfg)
     except (ConfigError, NoClusterError) as exc:
         _stderr(f"checkpoint_eval: {exc}")
