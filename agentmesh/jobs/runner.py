@@ -15,6 +15,7 @@ re-attaches to the running attempts by name and collects outcomes that ended whi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,25 @@ class AttemptLaunch:
         return asdict(self)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec function that makes the child get SIGKILL when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``): an actor killed with its node's raylet, or OOM-killed, takes its task's
+    process along instead of leaving it running beside the retry. None where there is no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return set_pdeathsig
+
+
+_DIE_WITH_PARENT = _die_with_parent()
+
+
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -114,6 +135,13 @@ class AttemptRunner:
         self._proc: subprocess.Popen[bytes] | None = None
         self._node = socket.gethostname()
         self._started = time.time()
+        self._spawned = threading.Event()
+        # The process is started from the thread that then waits for it: the child's
+        # parent-death signal is tied to that thread, which lives exactly as long as the child.
+        threading.Thread(target=self._run, name="attempt", daemon=True).start()
+        self._spawned.wait()
+
+    def _run(self) -> None:
         cwd = self.launch.cwd
         try:
             if cwd and not os.path.isdir(cwd):
@@ -131,7 +159,9 @@ class AttemptRunner:
                 )
             )
             return
-        threading.Thread(target=self._watch, name="attempt-watch", daemon=True).start()
+        finally:
+            self._spawned.set()
+        self._watch()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         ln = self.launch
@@ -155,6 +185,7 @@ class AttemptRunner:
                 env=env,
                 cwd=ln.cwd or None,
                 start_new_session=True,  # its own process group: a timeout or cancel kills all of it
+                preexec_fn=_DIE_WITH_PARENT,
             )
 
     def _kill_group(self) -> None:

@@ -67,6 +67,15 @@ class ManagerProcess:
                 self.proc.wait()
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for its parent counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(") ", 1)[1][0] not in "ZX"
+
+
 def wait_until(cond: Callable[[], T], timeout_s: float = 30.0, what: str = "condition") -> T:
     """Poll ``cond()`` until it returns something truthy; return that."""
     deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ from agentmesh.errors import InvalidArgument, RpcError
 from agentmesh.jobs.cli import main as job_cli
 from agentmesh.jobs.client import JobClient
 
-from .helpers import REPO, ManagerProcess, wait_until
+from .helpers import REPO, ManagerProcess, alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +220,8 @@ def test_cli_exit_codes(
 
 
 def test_an_attempt_whose_actor_dies_is_retried(client: JobClient, tmp_path: Path) -> None:
-    # Attempt 1 stands for a task on a node that dies: its actor's process and the task are killed.
+    # Attempt 1's actor process dies (as with its node, or an OOM kill): the task's process dies
+    # with it (parent-death signal) and the attempt is retried.
     cmd = (
         f'if [ "$AGENTMESH_TASK_ATTEMPT" = 1 ]; then echo $$ $PPID > {tmp_path}/pids; exec sleep 30; fi; '
         "echo second attempt"
@@ -229,7 +230,7 @@ def test_an_attempt_whose_actor_dies_is_retried(client: JobClient, tmp_path: Pat
     pids = wait_until(lambda: (tmp_path / "pids").exists() and (tmp_path / "pids").read_text().split())
     task_pid, actor_pid = (int(p) for p in pids)
     os.kill(actor_pid, signal.SIGKILL)
-    os.kill(task_pid, signal.SIGKILL)
+    wait_until(lambda: not alive(task_pid), 10, "the task's process gone with its actor")
     status = client.wait(job_id, timeout_s=60)
     n = status.task("n")
     assert (status.state, n.state, n.attempts) == ("SUCCEEDED", "SUCCEEDED", 2)

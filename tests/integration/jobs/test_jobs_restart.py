@@ -13,17 +13,9 @@ from agentmesh.cluster import ClusterRecord
 from agentmesh.jobs.client import JobClient
 from agentmesh.jobs.states import JobStatus
 
-from .helpers import REPO, ManagerProcess, wait_until
+from .helpers import REPO, ManagerProcess, alive, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(") ", 1)[1][0] not in "ZX"
 
 
 def _running_pids(status: JobStatus, work: Path) -> list[int]:
@@ -65,7 +57,7 @@ def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
         pids = _running_pids(before, work)
         assert manager.kill(signal.SIGKILL) == -signal.SIGKILL
         # The attempts outlive the manager (detached actors) and finish while it is away.
-        assert all(_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
         wait_until(lambda: done.exists() and len(done.read_text().split()) >= 3, 15, "tasks ending meanwhile")
 
         with JobClient(manager.start()) as client:
@@ -81,7 +73,7 @@ def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
             pids = _running_pids(mid, work)
         # SIGTERM: a clean stop that leaves running attempts alone.
         assert manager.kill(signal.SIGTERM) == 0
-        assert any(_alive(p) for p in pids) or len(done.read_text().split()) == len(names)
+        assert any(alive(p) for p in pids) or len(done.read_text().split()) == len(names)
 
         with JobClient(manager.start()) as client:
             final = client.wait(job_id, timeout_s=60)
