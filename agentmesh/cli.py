@@ -16,6 +16,7 @@ import time
 from agentmesh import __version__
 from agentmesh.container_cli import add_container_commands
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.jobs.cli import add_job_commands
 from agentmesh.llm_cli import add_cluster_commands, add_llm_commands
 from agentmesh.metrics_cli import add_metrics_commands
 from agentmesh.report_cli import add_report_commands
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_llm_commands(sub)
     add_cluster_commands(sub)
     add_container_commands(sub)
+    add_job_commands(sub)
     add_metrics_commands(sub)
     add_report_commands(sub)
     return parser

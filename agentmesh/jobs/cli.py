@@ -3,7 +3,7 @@
 The manager is found with ``--jobs HOST:PORT``, else through the cluster record of ``--cluster
 NAME`` (its ``jobs_address``; default cluster ``default``). Exit codes: 0 ok (``status`` and
 ``submit --wait``: the job succeeded, or is still going), 1 the job failed or was cancelled,
-2 bad input (one line naming the file, field or job), 3 the manager could not be reached.
+2 bad input (one line naming the file, field, job or cluster), 3 the manager could not be reached.
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ def add_job_commands(sub: Any) -> None:
 
 def run_job_command(ns: argparse.Namespace) -> int:
     """Run a parsed ``job`` command; returns its exit code (errors are one line on stderr)."""
+    from agentmesh.cluster import NoClusterError
     from agentmesh.jobs.client import JobClient
 
     try:
@@ -173,25 +174,28 @@ def run_job_command(ns: argparse.Namespace) -> int:
         with JobClient(address) as client:
             return int(ns.job_fn(ns, client))
     except (ConfigError, InvalidArgument) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"agentmesh: {exc}", file=sys.stderr)
         return 2
     except Unavailable as exc:
         print(
-            f"error: the job manager at {getattr(ns, 'jobs', '') or ns.cluster} is unreachable: {exc}",
+            f"agentmesh: the job manager at {getattr(ns, 'jobs', '') or ns.cluster} is unreachable: {exc}",
             file=sys.stderr,
         )
         return 3
     except RpcError as exc:
         if getattr(exc.code, "name", "") == "NOT_FOUND":
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"agentmesh: {exc}", file=sys.stderr)
             return 2
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"agentmesh: {exc}", file=sys.stderr)
         return 3
     except TimeoutError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"agentmesh: {exc}", file=sys.stderr)
         return 3
-    except AgentMeshError as exc:  # no cluster, no job manager in its record
-        print(f"error: {exc}", file=sys.stderr)
+    except NoClusterError as exc:  # as every command that names a cluster: bad input
+        print(f"agentmesh: {exc}", file=sys.stderr)
+        return 2
+    except AgentMeshError as exc:  # no job manager in the cluster's record
+        print(f"agentmesh: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         return 130

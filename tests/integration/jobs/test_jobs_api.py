@@ -201,14 +201,14 @@ def test_cli_exit_codes(
 
     assert job_cli(["job", "submit", str(broken), *addr]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {broken}: tasks[0].timeout_s: expected a number >= 0, got -1"
+    assert err.strip() == f"agentmesh: {broken}: tasks[0].timeout_s: expected a number >= 0, got -1"
     assert job_cli(["job", "status", "nope", *addr]) == 2
     assert job_cli(["job", "list", *addr]) == 0
     assert job_id in capsys.readouterr().out
     assert job_cli(["job", "list", "--jobs", "127.0.0.1:1"]) == 3
 
     monkeypatch.setenv("AGENTMESH_HOME", str(jobs_home))
-    assert job_cli(["job", "list", "--cluster", "no-such-cluster"]) == 3
+    assert job_cli(["job", "list", "--cluster", "no-such-cluster"]) == 2
     assert "no cluster 'no-such-cluster'" in capsys.readouterr().err
     from agentmesh.cluster import load_record
 
