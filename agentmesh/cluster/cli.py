@@ -135,7 +135,8 @@ def _slurm_status(ns: argparse.Namespace) -> int:
         print(f"cluster {r.name!r} (slurm): {'healthy' if st.healthy else 'NOT healthy'}")
         print(f"  head job   {r.head_job_id}  {st.head_state}  on {r.node or '?'}")
         print(
-            f"  ray head   {r.ray_address}  {'up' if st.ray_up else 'UNREACHABLE'}  ({st.ray_nodes or 0} nodes)"
+            f"  ray head   {r.ray_address}  {'up' if st.ray_up else 'UNREACHABLE'}"
+            f"  ({st.ray_nodes or 0} nodes)"
         )
         print(f"  discovery  {r.discovery_url}  {'up' if st.etcd_up else 'DOWN'}")
         if r.jobs_address:

@@ -113,7 +113,7 @@ _POLL_S = 2.0
 _HEAD_GONE_S = 6.0
 """A worker leaves once the head's GCS has not answered for this long."""
 _RAY_READY_TIMEOUT_S = 90.0
-_STOP_GRACE_S = 3.0
+_STOP_GRACE_S = 2.0
 """SIGTERM to SIGKILL inside a job: below the slurm.conf KillWait, after which Slurm kills anyway."""
 _ENDED = frozenset(
     {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"}
@@ -305,6 +305,10 @@ class Slurm:
                 return None
         return found
 
+    def start_now(self, job_id: str) -> bool:
+        """Make a pending job eligible at once (Slurm holds a requeued job for ~2 minutes)."""
+        return self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"]).returncode == 0
+
     def scancel(self, *, job_ids: Sequence[str] = (), names: Sequence[str] = ()) -> None:
         """Cancel jobs by id and by name (unknown ids are fine)."""
         if job_ids:
@@ -472,15 +476,33 @@ def _node_ip() -> str:
 
 
 def _stop_child(proc: subprocess.Popen[Any] | None, grace_s: float = _STOP_GRACE_S) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(3.0)
+    _stop_children([proc], [], grace_s=grace_s)
+
+
+def _stop_children(
+    procs: Sequence[subprocess.Popen[Any] | None], pids: Sequence[int], *, grace_s: float = _STOP_GRACE_S
+) -> None:
+    """SIGTERM all at once, SIGKILL what is left after ``grace_s``: all within Slurm's KillWait."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    others = [p for p in pids if process_alive(p)]
+    for proc in live:
+        proc.terminate()
+    for pid in others:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and (
+        any(p.poll() is None for p in live) or any(process_alive(p) for p in others)
+    ):
+        time.sleep(0.05)
+    for proc in live:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2.0)
+    for pid in others:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _log(msg: str) -> None:
@@ -641,9 +663,7 @@ def _run_head(ns: argparse.Namespace) -> int:
         with contextlib.suppress(FileNotFoundError, ValueError):
             if json.loads(ready.read_text()).get("job_id") == job_id:
                 ready.unlink()
-        if jobs is not None:
-            jobs.stop()
-        _stop_child(ray_proc)
+        _stop_children([ray_proc, jobs.proc if jobs is not None else None], [etcd.pid] if etcd.pid else [])
         etcd.stop()
         _cleanup_job(cluster_id, job_id, temp_dir)
         _log(f"stopped (code {code})")
@@ -659,6 +679,7 @@ class _WorkerSupervisor:
         self.script = state_dir / "worker.sbatch"
         self.worker_name = job_names(name, cluster_id)[1]
         self.slurm = Slurm()
+        self.released: set[str] = set()
 
     def check(self) -> None:
         try:
@@ -670,6 +691,16 @@ class _WorkerSupervisor:
         queued = self.slurm.squeue(names=[self.worker_name])
         if queued is None:
             return
+        for job_id in record.worker_job_ids:
+            job = queued.get(job_id)
+            # A requeued (preempted, `scontrol requeue`d) worker waits ~2 min for its BeginTime:
+            # the cluster wants its node back now.
+            if job is not None and job.state == "PENDING" and job.reason == "BeginTime":
+                if job_id not in self.released and self.slurm.start_now(job_id):
+                    _log(f"worker job {job_id} was requeued; made eligible now")
+                    self.released.add(job_id)
+            elif job is not None and job.state == "RUNNING":
+                self.released.discard(job_id)
         gone = [j for j in record.worker_job_ids if j not in queued or queued[j].state in _ENDED]
         if not gone:
             return

@@ -165,7 +165,8 @@ class LocalSlurm:
         key = munge_dir / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
-        # munged refuses keys and dirs that others could read or write.
+        # munged (user munge) must reach the dir; it refuses keys and dirs others could write.
+        self.dir.chmod(0o755)
         os.chown(munge_dir, user.pw_uid, user.pw_gid)
         munge_dir.chmod(0o755)
         os.chown(key, user.pw_uid, user.pw_gid)
