@@ -383,6 +383,91 @@ def _start_etcd(temp_dir: Path) -> tuple[str, int, int]:
     raise ClusterError(f"could not start etcd; log {log_path}:\n" + "\n".join(tail))
 
 
+# -- job manager keeper ----------------------------------------------------------------------------
+
+
+def jobs_server_available() -> bool:
+    """Whether ``agentmesh.jobs.server`` (the job manager) is installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("agentmesh.jobs.server") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _run_jobs_keeper(state_dir: str, ray_address: str, discovery_url: str, ready_file: str) -> int:
+    """The detached process that runs the cluster's job manager, restarts it when it exits, and
+    stops it on SIGTERM. The manager keeps all its state under ``state_dir``: a restart loses nothing."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    manager_ready = Path(state_dir) / "ready.json"
+    proc: subprocess.Popen[bytes] | None = None
+    announced = ""
+    try:
+        while not stop.is_set():
+            if proc is None or proc.poll() is not None:
+                if proc is not None:
+                    print(
+                        f"job manager exited with code {proc.returncode}; restarting",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    stop.wait(1.0)
+                manager_ready.unlink(missing_ok=True)
+                announced = ""
+                with open(Path(state_dir) / "server.log", "ab") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "agentmesh.jobs.server", "--state-dir", state_dir,
+                         "--ray-address", ray_address, "--discovery", discovery_url,
+                         "--ready-file", str(manager_ready)],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    )  # fmt: skip
+            if not announced and manager_ready.exists():
+                with contextlib.suppress(ValueError, OSError, KeyError):
+                    announced = str(json.loads(manager_ready.read_text())["address"])
+                    tmp = Path(ready_file + ".tmp")
+                    tmp.write_text(json.dumps({"address": announced, "pid": proc.pid}))
+                    tmp.rename(ready_file)
+            stop.wait(0.5)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+def _start_jobs(temp_dir: Path, ray_address: str, discovery_url: str) -> tuple[str, int]:
+    """Start the job manager's keeper in a session of its own; (manager address, keeper pid)."""
+    ready = temp_dir / "jobs.ready"
+    log_path = temp_dir / "jobs-keeper.log"
+    with open(log_path, "ab") as log:
+        keeper = subprocess.Popen(
+            [sys.executable, "-m", "agentmesh.cluster.local", "jobs-keeper", str(temp_dir / "jobs"),
+             ray_address, discovery_url, str(ready)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(temp_dir),
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + _ETCD_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return str(json.loads(ready.read_text())["address"]), keeper.pid
+        if keeper.poll() is not None:
+            break
+        time.sleep(0.1)
+    _kill_tree(keeper.pid, grace_s=1.0)
+    tail = (temp_dir / "jobs" / "server.log").read_text(errors="replace").splitlines()[-20:]
+    raise ClusterError(
+        f"could not start the job manager; log {temp_dir / 'jobs' / 'server.log'}:\n" + "\n".join(tail)
+    )
+
+
 # -- up / status / down ----------------------------------------------------------------------------
 
 
@@ -429,6 +514,17 @@ def cluster_up(
             t0 = time.monotonic()
             discovery_url, etcd_pid, keeper_pid = _start_etcd(temp_dir)
             say(f"etcd at {discovery_url} in {time.monotonic() - t0:.1f}s")
+            jobs_address, jobs_keeper_pid = "", 0
+            if jobs_server_available():
+                t0 = time.monotonic()
+                try:
+                    jobs_address, jobs_keeper_pid = _start_jobs(
+                        temp_dir, f"127.0.0.1:{ports['port']}", discovery_url
+                    )
+                except BaseException:
+                    _kill_tree(keeper_pid, grace_s=1.0)
+                    raise
+                say(f"job manager at {jobs_address} in {time.monotonic() - t0:.1f}s")
             record = ClusterRecord(
                 name=name,
                 ray_address=f"127.0.0.1:{ports['port']}",
@@ -442,12 +538,18 @@ def cluster_up(
                 num_gpus=num_gpus,
                 ports=ports,
                 created_at=time.time(),
+                jobs_address=jobs_address,
+                jobs_keeper_pid=jobs_keeper_pid,
             )
             tmp = record.path.with_suffix(".json.tmp")
             tmp.write_text(record.to_json())
             tmp.rename(record.path)
         except BaseException:
             _kill_tree(session, grace_s=1.0)
+            with contextlib.suppress(NameError):
+                _kill_tree(keeper_pid, grace_s=1.0)
+                if jobs_keeper_pid:
+                    _kill_tree(jobs_keeper_pid, grace_s=1.0)
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
     return record
@@ -510,7 +612,9 @@ def cluster_down(
     with _name_lock(name):
         record = load_record(name)
         t0 = time.monotonic()
-        survivors = _kill_tree(record.ray_session)
+        # The job manager first: it must not see Ray vanish under running tasks and retry them.
+        survivors = _kill_tree(record.jobs_keeper_pid) if record.jobs_keeper_pid else []
+        survivors += _kill_tree(record.ray_session)
         # The keeper stops etcd on SIGTERM; its session is swept after that anyway.
         survivors += _kill_tree(record.etcd_keeper_pid)
         survivors += [p for p in record.all_pids() if process_alive(p) and p not in survivors]
@@ -525,7 +629,13 @@ def _main(argv: list[str]) -> int:
     # Internal entry point: `python -m agentmesh.cluster.local etcd-keeper DATA_DIR READY_FILE`.
     if len(argv) == 3 and argv[0] == "etcd-keeper":
         return _run_etcd_keeper(argv[1], argv[2])
-    print("usage: python -m agentmesh.cluster.local etcd-keeper DATA_DIR READY_FILE", file=sys.stderr)
+    if len(argv) == 5 and argv[0] == "jobs-keeper":
+        return _run_jobs_keeper(argv[1], argv[2], argv[3], argv[4])
+    print(
+        "usage: python -m agentmesh.cluster.local etcd-keeper DATA_DIR READY_FILE\n"
+        "       python -m agentmesh.cluster.local jobs-keeper STATE_DIR RAY_ADDRESS DISCOVERY_URL READY_FILE",
+        file=sys.stderr,
+    )
     return 2
 
 
