@@ -14,10 +14,11 @@ import sys
 import time
 
 from agentmesh import __version__
+from agentmesh.cluster.cli import add_cluster_commands
 from agentmesh.container_cli import add_container_commands
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.jobs.cli import add_job_commands
-from agentmesh.llm_cli import add_cluster_commands, add_llm_commands
+from agentmesh.llm_cli import add_llm_commands
 from agentmesh.metrics_cli import add_metrics_commands
 from agentmesh.report_cli import add_report_commands
 

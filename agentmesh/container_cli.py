@@ -40,7 +40,7 @@ def parse_pools(items: list[str]) -> dict[tuple[str, str], int]:
 
 
 def _discovery_url(ns: argparse.Namespace) -> str:
-    from agentmesh.llm_cli import _where
+    from agentmesh.cli_common import where as _where
 
     if ns.discovery:
         return str(ns.discovery)
@@ -197,7 +197,8 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def add_container_commands(subparsers: Any) -> None:
-    from agentmesh.llm_cli import _cluster_flags, _guarded
+    from agentmesh.cli_common import cluster_flags as _cluster_flags
+    from agentmesh.cli_common import guarded as _guarded
 
     container = subparsers.add_parser(
         "container",

@@ -1,32 +1,27 @@
-"""The ``agentmesh cluster`` and ``agentmesh llm`` command groups.
+"""The ``agentmesh llm`` command group (``agentmesh cluster`` is :mod:`agentmesh.cluster.cli`).
 
-    agentmesh cluster up [--name NAME] [--num-cpus C] [--num-gpus G]
-    agentmesh cluster status [--name NAME] [--json]
-    agentmesh cluster down [--name NAME]
     agentmesh llm deploy --model M --replicas N [--gpus-per-replica K] [--backend B] ...
     agentmesh llm status [--model M] [--json]
     agentmesh llm remove (--model M | --all)
 
 ``llm`` commands find their cluster through its record (``--cluster NAME``, default ``default``) or
-through ``--ray-address`` and ``--discovery`` given together. Exit codes: 0 done; 1 (``cluster
-status``) the cluster is not healthy; 2 bad command line, bad option or no such cluster; 3 the work
-failed (a replica did not start, a process would not stop); 130 interrupted.
+through ``--ray-address`` and ``--discovery`` given together. Exit codes: 0 done; 2 bad command
+line, bad option or no such cluster; 3 the work failed (a replica did not start, a process would not
+stop); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
-import sys
-from collections.abc import Callable
 from typing import Any
 
-from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.cli_common import cluster_flags, guarded, print_json, say, where
+from agentmesh.errors import ConfigError
 
-__all__ = ["add_cluster_commands", "add_llm_commands"]
+__all__ = ["add_llm_commands"]
 
 LLM_EXAMPLES = """\
 examples:
@@ -39,134 +34,6 @@ examples:
   agentmesh llm remove --model sim-8b
   agentmesh cluster down
 """
-
-
-def _say(msg: str) -> None:
-    print(f"agentmesh: {msg}", file=sys.stderr, flush=True)
-
-
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """One line and an exit code for every failure; the traceback only with ``-v``."""
-    from agentmesh.cluster import NoClusterError
-
-    def run(ns: argparse.Namespace) -> int:
-        from agentmesh.launcher import RAY_ENV
-
-        # Before anything imports Ray: it reads some of these once, at import (a loopback cluster
-        # address is only left alone with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
-        for k, v in RAY_ENV.items():
-            os.environ.setdefault(k, v)
-        try:
-            return fn(ns)
-        except (ConfigError, NoClusterError) as exc:
-            print(f"agentmesh: {exc}", file=sys.stderr)
-            return 2
-        except AgentMeshError as exc:
-            print(f"agentmesh: {exc}", file=sys.stderr)
-            return 3
-        except KeyboardInterrupt:
-            print("agentmesh: interrupted", file=sys.stderr)
-            return 130
-        except Exception as exc:  # a bug or an environment failure
-            logging.getLogger("agentmesh").debug("command failed", exc_info=True)
-            print(
-                f"agentmesh: failed: {type(exc).__name__}: {exc} (re-run with -v for the traceback)",
-                file=sys.stderr,
-            )
-            return 3
-
-    return run
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
-# -- cluster ---------------------------------------------------------------------------------------
-
-
-def _cluster_up(ns: argparse.Namespace) -> int:
-    from agentmesh.cluster import cluster_up
-
-    record = cluster_up(ns.name, num_cpus=ns.num_cpus, num_gpus=ns.num_gpus, say=_say)
-    _say(f"cluster {record.name!r} up: ray {record.ray_address}, discovery {record.discovery_url}")
-    _say(f"record {record.path}; stop it with `agentmesh cluster down" + _name_flag(ns.name) + "`")
-    return 0
-
-
-def _name_flag(name: str) -> str:
-    from agentmesh.cluster import DEFAULT_CLUSTER
-
-    return "" if name == DEFAULT_CLUSTER else f" --name {name}"
-
-
-def _cluster_status(ns: argparse.Namespace) -> int:
-    from agentmesh.cluster import cluster_status
-
-    st = cluster_status(ns.name)
-    if ns.json:
-        _print_json({**st.to_dict(), "healthy": st.healthy})
-    else:
-        r = st.record
-        print(f"cluster {r.name!r} ({r.kind}): {'healthy' if st.healthy else 'NOT healthy'}")
-        ray_state = "up" if st.ray_up else "DOWN"
-        print(f"  ray head   {r.ray_address}  {ray_state}  ({r.num_cpus} CPUs, {r.num_gpus} GPUs)")
-        print(f"  discovery  {r.discovery_url}  {'up' if st.etcd_up else 'DOWN'}")
-        print(f"  processes  {len(st.live_pids)} live; temp dir {r.temp_dir}")
-    return 0 if st.healthy else 1
-
-
-def _cluster_down(ns: argparse.Namespace) -> int:
-    from agentmesh.cluster import cluster_down
-
-    cluster_down(ns.name, say=_say)
-    return 0
-
-
-def add_cluster_commands(subparsers: Any) -> None:
-    """Add ``agentmesh cluster up|status|down`` to the top-level subparsers."""
-    from agentmesh.cluster import DEFAULT_CLUSTER
-
-    cluster = subparsers.add_parser(
-        "cluster",
-        help="start, inspect and stop a local cluster (Ray head + etcd) that outlives one command",
-        description="A local cluster: a Ray head and an etcd, found by later commands through a record "
-        "under $AGENTMESH_HOME/clusters/NAME.json.",
-    )
-    sub = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
-
-    def named(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--name", default=DEFAULT_CLUSTER, help=f"cluster name (default {DEFAULT_CLUSTER!r})")
-        return p
-
-    up = named(sub.add_parser("up", help="start a Ray head and an etcd on this machine"))
-    up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all cores)")
-    up.add_argument(
-        "--num-gpus", type=int, default=0, help="GPUs Ray may schedule (logical ones where there are none)"
-    )
-    up.set_defaults(func=_guarded(_cluster_up))
-    status = named(sub.add_parser("status", help="is the cluster up; where are its Ray and etcd"))
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=_guarded(_cluster_status))
-    down = named(sub.add_parser("down", help="stop every process of the cluster and remove its record"))
-    down.set_defaults(func=_guarded(_cluster_down))
-
-
-# -- llm -------------------------------------------------------------------------------------------
-
-
-def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    from agentmesh.cluster import DEFAULT_CLUSTER
-
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name (default {DEFAULT_CLUSTER!r})")
-    p.add_argument("--ray-address", default=None, help="Ray address (with --discovery: no record needed)")
-    p.add_argument("--discovery", default=None, help="discovery URL, e.g. etcd://127.0.0.1:2379")
-
-
-def _where(ns: argparse.Namespace) -> tuple[str, str]:
-    from agentmesh.cluster import resolve_cluster
-
-    return resolve_cluster(ns.cluster, ray_address=ns.ray_address, discovery_url=ns.discovery)
 
 
 def _parse_env(items: list[str]) -> dict[str, str]:
@@ -202,11 +69,11 @@ def _llm_deploy(ns: argparse.Namespace) -> int:
         **options,
     )
     env = _parse_env(ns.env)
-    ray_address, discovery_url = _where(ns)
+    ray_address, discovery_url = where(ns)
     if spec.backend in ("openai", "azure", "gemini"):
         key_env = spec.replica_options.get("api_key_env") or _default_key_env(spec.backend)
         if not os.environ.get(key_env):
-            _say(f"note: {key_env} is not set here; clients of {spec.model} need it in their environment")
+            say(f"note: {key_env} is not set here; clients of {spec.model} need it in their environment")
     infos = deploy(
         ns.model,
         ns.replicas,
@@ -217,11 +84,11 @@ def _llm_deploy(ns: argparse.Namespace) -> int:
         num_cpus=ns.num_cpus,
         timeout_s=ns.timeout,
         env=env,
-        say=_say,
+        say=say,
         **options,
     )
     if ns.json:
-        _print_json(infos)
+        print_json(infos)
     return 0
 
 
@@ -234,10 +101,10 @@ def _default_key_env(backend: str) -> str:
 def _llm_status(ns: argparse.Namespace) -> int:
     from agentmesh.llm_gateway.deploy import format_status, status
 
-    ray_address, discovery_url = _where(ns)
+    ray_address, discovery_url = where(ns)
     rows = status(ray_address=ray_address, discovery_url=discovery_url, model=ns.model, sample_s=ns.sample_s)
     if ns.json:
-        _print_json([r.to_dict() for r in rows])
+        print_json([r.to_dict() for r in rows])
     else:
         print(format_status(rows))
     return 0
@@ -249,7 +116,7 @@ def _llm_gateway(ns: argparse.Namespace) -> int:
     from agentmesh.llm_gateway.server import serve
 
     if ns.discovery is None:
-        _, ns.discovery = _where(ns)
+        _, ns.discovery = where(ns)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(ns))
 
@@ -259,10 +126,10 @@ def _llm_remove(ns: argparse.Namespace) -> int:
 
     if not ns.all and not ns.model:
         raise ConfigError("say which replicas: --model M, or --all", key="--model")
-    ray_address, _ = _where(ns)
-    names = remove(ray_address=ray_address, model=None if ns.all else ns.model, say=_say)
+    ray_address, _ = where(ns)
+    names = remove(ray_address=ray_address, model=None if ns.all else ns.model, say=say)
     if not names:
-        _say("nothing to remove" + (f": {ns.model!r} is not deployed" if ns.model else ""))
+        say("nothing to remove" + (f": {ns.model!r} is not deployed" if ns.model else ""))
     return 0
 
 
@@ -312,15 +179,15 @@ def add_llm_commands(subparsers: Any) -> None:
         "--timeout", type=float, default=VLLM_STARTUP_TIMEOUT_S + 60, help="seconds to wait for every replica"
     )
     dep.add_argument("--json", action="store_true", help="print the replicas' info as JSON")
-    _cluster_flags(dep)
-    dep.set_defaults(func=_guarded(_llm_deploy))
+    cluster_flags(dep)
+    dep.set_defaults(func=guarded(_llm_deploy))
 
     st = sub.add_parser("status", help="replicas, state, health, in-flight requests, tokens/s")
     st.add_argument("--model", default=None, help="only this model's replicas")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--sample-s", type=float, default=1.0, help="tokens/s sampling window (0: no rate)")
-    _cluster_flags(st)
-    st.set_defaults(func=_guarded(_llm_status))
+    cluster_flags(st)
+    st.set_defaults(func=guarded(_llm_status))
 
     gw = sub.add_parser(
         "gateway",
@@ -332,12 +199,12 @@ def add_llm_commands(subparsers: Any) -> None:
     from agentmesh.llm_gateway.server import add_arguments as add_gateway_arguments
 
     add_gateway_arguments(gw, with_discovery=False)
-    _cluster_flags(gw)
-    gw.set_defaults(func=_guarded(_llm_gateway))
+    cluster_flags(gw)
+    gw.set_defaults(func=guarded(_llm_gateway))
 
     rm = sub.add_parser("remove", help="stop and remove a model's replicas (or all)")
     group = rm.add_mutually_exclusive_group()
     group.add_argument("--model", default=None, help="the model whose replicas go")
     group.add_argument("--all", action="store_true", help="every deployed replica")
-    _cluster_flags(rm)
-    rm.set_defaults(func=_guarded(_llm_remove))
+    cluster_flags(rm)
+    rm.set_defaults(func=guarded(_llm_remove))

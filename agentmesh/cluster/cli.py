@@ -14,48 +14,13 @@ command line, bad option or no such cluster; 3 the work failed; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.cli_common import guarded, print_json, say
+from agentmesh.errors import ConfigError
 
 __all__ = ["add_cluster_commands", "main"]
-
-
-def _say(msg: str) -> None:
-    print(f"agentmesh: {msg}", file=sys.stderr, flush=True)
-
-
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """One line and an exit code for every failure; the traceback only in the debug log."""
-    from agentmesh.cluster.local import NoClusterError
-
-    def run(ns: argparse.Namespace) -> int:
-        from agentmesh.launcher import RAY_ENV
-
-        for k, v in RAY_ENV.items():  # before anything imports Ray
-            os.environ.setdefault(k, v)
-        try:
-            return fn(ns)
-        except (ConfigError, NoClusterError) as exc:
-            print(f"agentmesh: {exc}", file=sys.stderr)
-            return 2
-        except AgentMeshError as exc:
-            print(f"agentmesh: {exc}", file=sys.stderr)
-            return 3
-        except KeyboardInterrupt:
-            print("agentmesh: interrupted", file=sys.stderr)
-            return 130
-        except Exception as exc:  # a bug or an environment failure
-            logging.getLogger("agentmesh").debug("command failed", exc_info=True)
-            print(f"agentmesh: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 3
-
-    return run
 
 
 def _name_flag(name: str) -> str:
@@ -77,7 +42,7 @@ def _up(ns: argparse.Namespace) -> int:
             num_gpus=ns.num_gpus,
             object_store_mb=ns.object_store_mb,
             wait_workers_s=ns.wait_workers,
-            say=_say,
+            say=say,
         )
     else:
         from agentmesh.cluster.local import cluster_up
@@ -88,19 +53,19 @@ def _up(ns: argparse.Namespace) -> int:
             ns.name,
             num_cpus=None if ns.num_cpus is None else int(ns.num_cpus),
             num_gpus=ns.num_gpus,
-            say=_say,
+            say=say,
         )
-    _say(f"cluster {record.name!r} up: ray {record.ray_address}, discovery {record.discovery_url}")
+    say(f"cluster {record.name!r} up: ray {record.ray_address}, discovery {record.discovery_url}")
     if record.jobs_address:
-        _say(f"job manager {record.jobs_address}")
-    _say(f"record {record.path}; stop it with `agentmesh cluster down{_name_flag(ns.name)}`")
+        say(f"job manager {record.jobs_address}")
+    say(f"record {record.path}; stop it with `agentmesh cluster down{_name_flag(ns.name)}`")
     return 0
 
 
 def _add_workers(ns: argparse.Namespace) -> int:
     from agentmesh.cluster.slurm import slurm_add_workers
 
-    slurm_add_workers(ns.name, ns.count, say=_say)
+    slurm_add_workers(ns.name, ns.count, say=say)
     return 0
 
 
@@ -111,7 +76,7 @@ def _status(ns: argparse.Namespace) -> int:
         return _slurm_status(ns)
     st = cluster_status(ns.name)
     if ns.json:
-        print(json.dumps({**st.to_dict(), "healthy": st.healthy}, indent=2, default=str))
+        print_json({**st.to_dict(), "healthy": st.healthy})
     else:
         r = st.record
         print(f"cluster {r.name!r} ({r.kind}): {'healthy' if st.healthy else 'NOT healthy'}")
@@ -129,7 +94,7 @@ def _slurm_status(ns: argparse.Namespace) -> int:
 
     st = slurm_status(ns.name)
     if ns.json:
-        print(json.dumps(st.to_dict(), indent=2, default=str))
+        print_json(st.to_dict())
     else:
         r = st.record
         print(f"cluster {r.name!r} (slurm): {'healthy' if st.healthy else 'NOT healthy'}")
@@ -155,9 +120,9 @@ def _down(ns: argparse.Namespace) -> int:
     if load_record(ns.name).kind == "slurm":
         from agentmesh.cluster.slurm import slurm_down
 
-        slurm_down(ns.name, say=_say)
+        slurm_down(ns.name, say=say)
     else:
-        cluster_down(ns.name, say=_say)
+        cluster_down(ns.name, say=say)
     return 0
 
 
@@ -197,18 +162,18 @@ def add_cluster_commands(subparsers: Any) -> None:
     up.add_argument(
         "--wait-workers", type=float, default=120.0, help="Slurm: seconds to wait for the workers to join"
     )
-    up.set_defaults(func=_guarded(_up))
+    up.set_defaults(func=guarded(_up))
 
     add = named(sub.add_parser("add-workers", help="Slurm: submit N more worker jobs"))
     add.add_argument("count", type=int, metavar="N", help="how many")
-    add.set_defaults(func=_guarded(_add_workers))
+    add.set_defaults(func=guarded(_add_workers))
 
     status = named(sub.add_parser("status", help="is the cluster up; where are its Ray and etcd"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=_guarded(_status))
+    status.set_defaults(func=guarded(_status))
 
     down = named(sub.add_parser("down", help="stop every process and job of the cluster, remove its record"))
-    down.set_defaults(func=_guarded(_down))
+    down.set_defaults(func=guarded(_down))
 
 
 def main(argv: list[str] | None = None) -> int:
