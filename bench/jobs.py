@@ -12,7 +12,8 @@ flight through ``ray.wait``; no persistence, no logs, no retries):
 
 1. ``sleep``: ``--tasks`` commands ``sleep --sleep`` with concurrency C. Ideal wall time is
    ``ceil(N/C) * sleep``; the overhead per task slot is ``(wall - ideal) / ceil(N/C)``.
-2. ``noop``: ``--noop`` commands ``true`` with concurrency C: pure dispatch cost, tasks/s.
+2. ``noop``: ``--noop`` commands ``true`` with concurrency C: pure dispatch cost, tasks/s (and the
+   overhead per slot with an ideal of 0).
 
 The jobs API pays for what the baseline does not do: a persisted state machine (SQLite), a detached
 named actor per attempt (what lets a restarted manager re-attach instead of re-running), a log file
@@ -149,8 +150,10 @@ def main() -> None:
                 else:
                     r = run_ray(argv, n, ns.concurrency)
                 r["tasks_per_s"] = r["n"] / r["wall_s"]
-                if workload == "sleep":
-                    r["overhead_per_slot_s"] = (r["wall_s"] - ideal) / slots
+                # noop: the ideal is 0, so its overhead per slot is wall / ceil(N/C).
+                n_slots = math.ceil(n / ns.concurrency)
+                work = ideal if workload == "sleep" else 0.0
+                r["overhead_per_slot_s"] = (r["wall_s"] - work) / n_slots
                 results[f"{label}_{workload}"] = r
                 print(f"{label} {workload}: {r}", flush=True)
         rows = []
@@ -165,8 +168,7 @@ def main() -> None:
                     f"{j['tasks_per_s']:.1f}",
                     f"{b['tasks_per_s']:.1f}",
                     f"{j['wall_s'] / b['wall_s']:.2f}x",
-                    f"{j.get('overhead_per_slot_s', float('nan')):.3f}"
-                    + f" / {b.get('overhead_per_slot_s', float('nan')):.3f}",
+                    f"{j['overhead_per_slot_s']:.3f} / {b['overhead_per_slot_s']:.3f}",
                     f"{j['ok']}/{j['n']}",
                 ]
             )
