@@ -246,16 +246,21 @@ def _port_open(port: int, timeout_s: float = 1.0) -> bool:
 
 
 @contextlib.contextmanager
-def _name_lock(name: str) -> Iterator[None]:
-    # Two `up`s (or an `up` and a `down`) of one name at once must not interleave.
+def _clusters_lock(filename: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``clusters_dir()/filename`` while the block runs."""
     directory = clusters_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".{name}.lock", "w") as lock:
+    with open(directory / filename, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _name_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    # Two `up`s (or an `up` and a `down`) of one name at once must not interleave.
+    return _clusters_lock(f".{name}.lock")
 
 
 # -- Ray head --------------------------------------------------------------------------------------

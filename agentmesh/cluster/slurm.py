@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import glob
 import importlib.util
 import json
@@ -42,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from agentmesh.cluster.local import (
     ClusterRecord,
     NoClusterError,
     _check_name,
+    _clusters_lock,
     _free_port,
     _name_lock,
     _port_open,
@@ -320,18 +320,10 @@ class Slurm:
 # -- the record ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _record_lock(name: str) -> Iterator[None]:
+def _record_lock(name: str) -> contextlib.AbstractContextManager[None]:
     # Short read-modify-write of the record (the head's supervisor, add-workers, down's state
     # change); `_name_lock` is the long one an `up` or `down` holds throughout.
-    directory = clusters_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".{name}.record.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return _clusters_lock(f".{name}.record.lock")
 
 
 def _write_record(record: ClusterRecord) -> None:

@@ -49,6 +49,7 @@ def test_thirty_tasks_with_concurrency_four(client: JobClient) -> None:
         peak = max(peak, running)
     assert 1 < peak <= 4, f"peak overlap {peak}"
     assert status.ended_unix >= status.started_unix > 0
+    print(f"\n30 tasks at concurrency 4: peak overlap {peak}, {status.ended_unix - status.started_unix:.1f}s")
 
 
 def test_failing_task_is_retried_with_backoff_then_failed_with_its_log(client: JobClient) -> None:

@@ -92,6 +92,7 @@ def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
                 (n, "SUCCEEDED", 1) for n in names
             ]
             assert sorted(done.read_text().split()) == names  # each side effect exactly once
+            print(f"\nmanager SIGKILLed and SIGTERMed mid-job: {len(names)} tasks, each run once")
             assert "".join(client.logs(job_id, "r0")) == ""  # logs still readable (this task prints nothing)
     finally:
         manager.stop()
