@@ -105,10 +105,14 @@ def test_cancel_stops_running_attempts(client: JobClient, tmp_path: Path) -> Non
     cmd = f"echo $$ > {tmp_path}/pid.$AGENTMESH_TASK_NAME; exec sleep 30"
     tasks = [{"name": f"c{i}", "command": cmd} for i in range(3)]
     job_id = client.submit(_job("cancel", tasks, concurrency=2))
-    pidfiles = wait_until(
-        lambda: sorted(tmp_path.glob("pid.*")) if len(list(tmp_path.glob("pid.*"))) == 2 else None
+    # A pid file exists (the shell's redirection) a moment before its pid is written into it.
+    pids = wait_until(
+        lambda: (
+            p
+            if len(p := [int(t) for f in tmp_path.glob("pid.*") if (t := f.read_text().strip())]) == 2
+            else None
+        )
     )
-    pids = [int(p.read_text()) for p in pidfiles]
     status = client.cancel(job_id)
     assert status.state == "CANCELLED"
     assert [(t.name, t.state) for t in status.tasks] == [

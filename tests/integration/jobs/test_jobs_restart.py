@@ -19,12 +19,16 @@ from .helpers import REPO, ManagerProcess, alive, wait_until
 pytestmark = pytest.mark.integration
 
 
+def _pid(work: Path, task: str) -> int | None:
+    # The file exists (the shell's redirection) a moment before the pid is written into it.
+    path = work / f"pid.{task}"
+    text = path.read_text().strip() if path.exists() else ""
+    return int(text) if text else None
+
+
 def _running_pids(status: JobStatus, work: Path) -> list[int]:
-    return [
-        int((work / f"pid.{t.name}").read_text())
-        for t in status.tasks
-        if t.state == "RUNNING" and (work / f"pid.{t.name}").exists()
-    ]
+    pids = [_pid(work, t.name) for t in status.tasks if t.state == "RUNNING"]
+    return [p for p in pids if p is not None]
 
 
 def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
@@ -73,12 +77,8 @@ def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
                 30,
                 "a task running after the restart",
             )
-            running = {
-                t.name: int((work / f"pid.{t.name}").read_text())
-                for t in mid.tasks
-                if t.state == "RUNNING" and (work / f"pid.{t.name}").exists()
-            }
-            running = {n: p for n, p in running.items() if alive(p)}
+            pids_by_task = {t.name: _pid(work, t.name) for t in mid.tasks if t.state == "RUNNING"}
+            running = {n: p for n, p in pids_by_task.items() if p is not None and alive(p)}
         # SIGTERM: a clean stop that leaves running attempts alone: each is still running or has
         # finished its work (an attempt stopped with the manager would never write its line).
         assert manager.kill(signal.SIGTERM) == 0
