@@ -222,7 +222,10 @@ def render_job_script(
         "RAY_GPUS": "0" if role == "head" else str(record.num_gpus),
         "OBJECT_STORE_MB": str(object_store_mb),
     }
-    return render_file(f"{role}.sbatch.in", values, directory=templates)
+    # SBATCH_OPTIONS: one `#SBATCH` line per option, each value checked by parse_slurm_options.
+    return render_file(
+        f"{role}.sbatch.in", values, directory=templates, multiline=frozenset({"SBATCH_OPTIONS"})
+    )
 
 
 def _fmt_cpus(cpus: float) -> str:

@@ -3,7 +3,8 @@
 Placeholders are ``@NAME@`` (upper-case letters, digits, ``_``): they cannot be confused with the
 shell's ``$VAR``/``${VAR}`` inside a batch script. Rendering is strict both ways: a placeholder
 without a value and a value without a placeholder are both errors, so a template and the code that
-fills it cannot drift apart silently.
+fills it cannot drift apart silently. A value may not span lines (it could smuggle in a directive
+or a command) unless the caller names it as one made of whole lines it built itself.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def templates_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "deploy" / "slurm"
 
 
-def render(text: str, values: dict[str, str], *, source: str = "template") -> str:
-    """``text`` with every ``@NAME@`` replaced by ``values[NAME]``; ConfigError on a mismatch."""
+def render(
+    text: str, values: dict[str, str], *, source: str = "template", multiline: frozenset[str] = frozenset()
+) -> str:
+    """``text`` with every ``@NAME@`` replaced by ``values[NAME]``; ConfigError on a mismatch.
+
+    Only the values named in ``multiline`` may hold line breaks."""
     wanted = set(PLACEHOLDER_RE.findall(text))
     missing = sorted(wanted - set(values))
     if missing:
@@ -37,12 +42,18 @@ def render(text: str, values: dict[str, str], *, source: str = "template") -> st
     if unused:
         raise ConfigError(f"{source}: no placeholder for value(s) {', '.join(unused)}", key="template")
     for key, value in values.items():
-        if "\n" in value:
+        if "\n" in value and key not in multiline:
             raise ConfigError(f"{source}: the value of {key} spans lines: {value!r}", key="template")
     return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)
 
 
-def render_file(name: str, values: dict[str, str], *, directory: Path | None = None) -> str:
+def render_file(
+    name: str,
+    values: dict[str, str],
+    *,
+    directory: Path | None = None,
+    multiline: frozenset[str] = frozenset(),
+) -> str:
     """Render the template ``name`` of :func:`templates_dir` (or ``directory``)."""
     path = (directory or templates_dir()) / name
     try:
@@ -52,4 +63,4 @@ def render_file(name: str, values: dict[str, str], *, directory: Path | None = N
             f"template {path} not found (set AGENTMESH_SLURM_TEMPLATES to the deploy/slurm folder)",
             key="template",
         ) from None
-    return render(text, values, source=str(path))
+    return render(text, values, source=str(path), multiline=multiline)

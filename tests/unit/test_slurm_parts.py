@@ -60,6 +60,7 @@ def test_render_is_strict_both_ways() -> None:
         render("@A@", {"A": "1", "C": "2"})
     with pytest.raises(ConfigError, match="spans lines"):
         render("@A@", {"A": "1\n2"})
+    assert render("@A@", {"A": "1\n2"}, multiline=frozenset({"A"})) == "1\n2"
     with pytest.raises(ConfigError, match="not found"):
         render_file("nope.in", {}, directory=Path("/nonexistent"))
 
@@ -68,7 +69,7 @@ def _record(tmp_path: Path) -> ClusterRecord:
     return ClusterRecord(
         name="c1", ray_address="", discovery_url="", temp_dir="", ray_session=0, ray_pids=[], etcd_pid=0,
         etcd_keeper_pid=0, num_cpus=0, num_gpus=1, kind="slurm", cluster_id="0123456789abcdef" * 2,
-        state_dir=str(tmp_path), slurm_options={"partition": "p", "cpus_per_task": "3"}, worker_cpus=0.5,
+        state_dir=str(tmp_path), slurm_options={"partition": "p", "time": "10", "cpus_per_task": "3"}, worker_cpus=0.5,
     )  # fmt: skip
 
 
@@ -80,6 +81,7 @@ def test_job_scripts_render(tmp_path: Path) -> None:
     assert f"#SBATCH --job-name={head_name}" in head and f"#SBATCH --job-name={worker_name}" in worker
     assert "#SBATCH --requeue" in worker and "--requeue" not in head
     assert "#SBATCH --partition=p" in head and "#SBATCH --partition=p" in worker
+    assert "#SBATCH --time=10" in head and "#SBATCH --time=10" in worker  # several options, a line each
     assert "#SBATCH --cpus-per-task=1" in head and "#SBATCH --cpus-per-task=3" in worker
     assert "--num-cpus 0 --num-gpus 0" in head and "--num-cpus 0.5 --num-gpus 1" in worker
     assert f"export AGENTMESH_CLUSTER_ID={record.cluster_id}" in worker
