@@ -69,7 +69,8 @@ def _record(tmp_path: Path) -> ClusterRecord:
     return ClusterRecord(
         name="c1", ray_address="", discovery_url="", temp_dir="", ray_session=0, ray_pids=[], etcd_pid=0,
         etcd_keeper_pid=0, num_cpus=0, num_gpus=1, kind="slurm", cluster_id="0123456789abcdef" * 2,
-        state_dir=str(tmp_path), slurm_options={"partition": "p", "time": "10", "cpus_per_task": "3"}, worker_cpus=0.5,
+        state_dir=str(tmp_path), slurm_options={"partition": "p", "time": "10", "cpus_per_task": "3"},
+        worker_cpus=0.5,
     )  # fmt: skip
 
 
