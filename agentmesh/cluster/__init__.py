@@ -1,7 +1,8 @@
 """Clusters that outlive one command: start, find (through a rendezvous record), stop.
 
-Only the local kind exists so far (:mod:`agentmesh.cluster.local`): a Ray head and an etcd on this
-machine. Commands that need a cluster call :func:`resolve_cluster`.
+Two kinds share the record: local (:mod:`agentmesh.cluster.local`: a Ray head, an etcd and a job
+manager on this machine) and Slurm (:mod:`agentmesh.cluster.slurm`: the same as Slurm jobs, with
+worker jobs). Commands that need a cluster call :func:`resolve_cluster`.
 """
 
 from __future__ import annotations

@@ -18,15 +18,10 @@ import sys
 from typing import Any
 
 from agentmesh.cli_common import guarded, print_json, say
+from agentmesh.cluster.local import name_flag
 from agentmesh.errors import ConfigError
 
 __all__ = ["add_cluster_commands", "main"]
-
-
-def _name_flag(name: str) -> str:
-    from agentmesh.cluster.local import DEFAULT_CLUSTER
-
-    return "" if name == DEFAULT_CLUSTER else f" --name {name}"
 
 
 def _up(ns: argparse.Namespace) -> int:
@@ -58,7 +53,7 @@ def _up(ns: argparse.Namespace) -> int:
     say(f"cluster {record.name!r} up: ray {record.ray_address}, discovery {record.discovery_url}")
     if record.jobs_address:
         say(f"job manager {record.jobs_address}")
-    say(f"record {record.path}; stop it with `agentmesh cluster down{_name_flag(ns.name)}`")
+    say(f"record {record.path}; stop it with `agentmesh cluster down{name_flag(ns.name)}`")
     return 0
 
 

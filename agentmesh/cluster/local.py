@@ -1,19 +1,21 @@
-"""A local cluster that outlives one command: a Ray head and an etcd, found through a record.
+"""A local cluster that outlives one command: a Ray head, an etcd and a job manager, found
+through a record.
 
 ``up`` starts a Ray head with ``ray start --head`` (every port picked free, a short temp dir of its
-own, loopback only; ``num_gpus`` may declare logical GPUs on a machine without any) and an etcd
+own, loopback only; ``num_gpus`` may declare logical GPUs on a machine without any), an etcd
 (:class:`~agentmesh.discovery.etcd_server.EtcdServer`, run by a small keeper process that stops it
-on SIGTERM). Both run in sessions of their own, detached from the command that started them. The
+on SIGTERM) and the job manager (:class:`JobManagerProcess`, run and restarted by a keeper of its
+own). All run in sessions of their own, detached from the command that started them. The
 rendezvous record ``$AGENTMESH_HOME/clusters/NAME.json`` says where they are (Ray address,
-discovery URL, pids, temp dir), so that a later command can find them.
+discovery URL, job manager address, pids, temp dir), so that a later command can find them.
 
-``down`` stops only what the record names: every process of the Ray head's session and their
-descendants (a vLLM server an actor started runs in a session of its own), then the etcd keeper's
-session; then it removes the temp dir and the record. It never runs ``ray stop``, which would stop
-every Ray on the machine.
+``down`` stops only what the record names: the job manager's keeper, every process of the Ray
+head's session and their descendants (a vLLM server an actor started runs in a session of its
+own), then the etcd keeper's session; then it removes the temp dir and the record. It never runs
+``ray stop``, which would stop every Ray on the machine.
 
 Many clusters can be up side by side under different names: nothing is shared but the machine.
-Slurm clusters (issue 5) are to build on the same record.
+Slurm clusters (:mod:`agentmesh.cluster.slurm`) use the same record.
 """
 
 from __future__ import annotations
@@ -38,18 +40,21 @@ from pathlib import Path
 from typing import Any
 
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.files import write_atomic
 
 __all__ = [
     "DEFAULT_CLUSTER",
     "ClusterError",
     "ClusterRecord",
     "ClusterStatus",
+    "JobManagerProcess",
     "NoClusterError",
     "cluster_down",
     "cluster_status",
     "cluster_up",
     "clusters_dir",
     "load_record",
+    "name_flag",
     "process_alive",
     "resolve_cluster",
 ]
@@ -178,6 +183,15 @@ def resolve_cluster(
     return ray_address or record.ray_address, discovery_url or record.discovery_url
 
 
+def name_flag(name: str) -> str:
+    """``" --name NAME"`` to repeat in a suggested command; empty for the default cluster."""
+    return "" if name == DEFAULT_CLUSTER else f" --name {name}"
+
+
+def write_record(record: ClusterRecord) -> None:
+    write_atomic(record.path, record.to_json())
+
+
 # -- processes -------------------------------------------------------------------------------------
 
 
@@ -218,10 +232,13 @@ def _session_tree(session: int) -> list[int]:
     return sorted(found)
 
 
-def _kill_tree(session: int, *, grace_s: float = _TERM_GRACE_S) -> list[int]:
-    """SIGTERM the session's tree, SIGKILL what is left after ``grace_s``; return what survived."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        pids = _session_tree(session)
+def terminate_pids(
+    live_pids: Callable[[], list[int]], *, grace_s: float, kill_wait_s: float = 5.0
+) -> list[int]:
+    """SIGTERM what ``live_pids()`` names, SIGKILL what it names after ``grace_s``; return what is
+    still alive after that. ``live_pids`` is asked again each round, so a tree that grew is caught."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
+        pids = live_pids()
         if not pids:
             return []
         for pid in pids:
@@ -230,7 +247,12 @@ def _kill_tree(session: int, *, grace_s: float = _TERM_GRACE_S) -> list[int]:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and any(process_alive(p) for p in pids):
             time.sleep(0.05)
-    return [p for p in _session_tree(session) if process_alive(p)]
+    return [p for p in live_pids() if process_alive(p)]
+
+
+def _kill_tree(session: int, *, grace_s: float = _TERM_GRACE_S) -> list[int]:
+    """SIGTERM the session's tree, SIGKILL what is left after ``grace_s``; return what survived."""
+    return terminate_pids(lambda: _session_tree(session), grace_s=grace_s)
 
 
 def _free_port() -> int:
@@ -277,10 +299,11 @@ _RAY_PORT_FLAGS = (
 )
 
 
-def _ray_env(temp_dir: Path) -> dict[str, str]:
+def ray_env(temp_dir: Path) -> dict[str, str]:
+    """The environment of a cluster's Ray processes: the project's Ray settings, TMPDIR too (parts
+    of Ray put files there whatever --temp-dir says)."""
     from agentmesh.launcher import RAY_ENV
 
-    # TMPDIR too: parts of Ray put files there whatever --temp-dir says.
     return {**os.environ, **RAY_ENV, "TMPDIR": str(temp_dir)}
 
 
@@ -310,7 +333,7 @@ def _start_ray_head(temp_dir: Path, num_cpus: int, num_gpus: int) -> tuple[int, 
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_ray_env(temp_dir),
+                env=ray_env(temp_dir),
                 cwd=str(temp_dir),
                 start_new_session=True,  # its session id names every process of this Ray
             )
@@ -342,9 +365,7 @@ def _run_etcd_keeper(data_dir: str, ready_file: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     server = EtcdServer(Path(data_dir))
     server.start()
-    tmp = Path(ready_file + ".tmp")
-    tmp.write_text(json.dumps({"url": server.url, "pid": server.pid}))
-    tmp.rename(ready_file)
+    write_atomic(ready_file, json.dumps({"url": server.url, "pid": server.pid}))
     try:
         while not stop.wait(1.0):
             if server.pid is None or not process_alive(server.pid):
@@ -355,122 +376,145 @@ def _run_etcd_keeper(data_dir: str, ready_file: str) -> int:
     return 0
 
 
-def _start_etcd(temp_dir: Path) -> tuple[str, int, int]:
-    """Start the etcd keeper in a session of its own; return (discovery url, etcd pid, keeper pid)."""
-    ready = temp_dir / "etcd.ready"
-    log_path = temp_dir / "etcd-keeper.log"
+def _start_keeper(
+    temp_dir: Path, role: str, args: list[str], *, what: str, log_to_show: Path | None = None
+) -> tuple[dict[str, Any], int]:
+    """Start ``python -m agentmesh.cluster.local ROLE ARGS... READY_FILE`` in a session of its own and
+    wait for its ready file; (what the file says, keeper pid). ClusterError with a log tail if the
+    keeper exits or stays silent."""
+    ready = temp_dir / f"{role.removesuffix('-keeper')}.ready"
+    log_path = temp_dir / f"{role}.log"
     with open(log_path, "ab") as log:
         keeper = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agentmesh.cluster.local",
-                "etcd-keeper",
-                str(temp_dir / "etcd"),
-                str(ready),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(temp_dir),
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + _ETCD_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if ready.exists():
-            info = json.loads(ready.read_text())
-            return str(info["url"]), int(info["pid"]), keeper.pid
-        if keeper.poll() is not None:
-            break
-        time.sleep(0.05)
-    _kill_tree(keeper.pid, grace_s=1.0)
-    tail = log_path.read_text(errors="replace").splitlines()[-20:]
-    raise ClusterError(f"could not start etcd; log {log_path}:\n" + "\n".join(tail))
-
-
-# -- job manager keeper ----------------------------------------------------------------------------
-
-
-def jobs_server_available() -> bool:
-    """Whether ``agentmesh.jobs.server`` (the job manager) is installed."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("agentmesh.jobs.server") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _run_jobs_keeper(state_dir: str, ray_address: str, discovery_url: str, ready_file: str) -> int:
-    """The detached process that runs the cluster's job manager, restarts it when it exits, and
-    stops it on SIGTERM. The manager keeps all its state under ``state_dir``: a restart loses nothing."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    manager_ready = Path(state_dir) / "ready.json"
-    proc: subprocess.Popen[bytes] | None = None
-    announced = ""
-    try:
-        while not stop.is_set():
-            if proc is None or proc.poll() is not None:
-                if proc is not None:
-                    print(
-                        f"job manager exited with code {proc.returncode}; restarting",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    stop.wait(1.0)
-                manager_ready.unlink(missing_ok=True)
-                announced = ""
-                with open(Path(state_dir) / "server.log", "ab") as log:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "agentmesh.jobs.server", "--state-dir", state_dir,
-                         "--ray-address", ray_address, "--discovery", discovery_url,
-                         "--ready-file", str(manager_ready)],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    )  # fmt: skip
-            if not announced and manager_ready.exists():
-                with contextlib.suppress(ValueError, OSError, KeyError):
-                    announced = str(json.loads(manager_ready.read_text())["address"])
-                    tmp = Path(ready_file + ".tmp")
-                    tmp.write_text(json.dumps({"address": announced, "pid": proc.pid}))
-                    tmp.rename(ready_file)
-            stop.wait(0.5)
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    return 0
-
-
-def _start_jobs(temp_dir: Path, ray_address: str, discovery_url: str) -> tuple[str, int]:
-    """Start the job manager's keeper in a session of its own; (manager address, keeper pid)."""
-    ready = temp_dir / "jobs.ready"
-    log_path = temp_dir / "jobs-keeper.log"
-    with open(log_path, "ab") as log:
-        keeper = subprocess.Popen(
-            [sys.executable, "-m", "agentmesh.cluster.local", "jobs-keeper", str(temp_dir / "jobs"),
-             ray_address, discovery_url, str(ready)],
+            [sys.executable, "-m", "agentmesh.cluster.local", role, *args, str(ready)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(temp_dir),
             start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + _ETCD_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if ready.exists():
-            return str(json.loads(ready.read_text())["address"]), keeper.pid
+            return dict(json.loads(ready.read_text())), keeper.pid
         if keeper.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     _kill_tree(keeper.pid, grace_s=1.0)
-    tail = (temp_dir / "jobs" / "server.log").read_text(errors="replace").splitlines()[-20:]
-    raise ClusterError(
-        f"could not start the job manager; log {temp_dir / 'jobs' / 'server.log'}:\n" + "\n".join(tail)
+    shown = log_to_show or log_path
+    tail = shown.read_text(errors="replace").splitlines()[-20:] if shown.exists() else []
+    raise ClusterError(f"could not start {what}; log {shown}:\n" + "\n".join(tail))
+
+
+def _start_etcd(temp_dir: Path) -> tuple[str, int, int]:
+    """Start the etcd keeper in a session of its own; return (discovery url, etcd pid, keeper pid)."""
+    info, keeper_pid = _start_keeper(temp_dir, "etcd-keeper", [str(temp_dir / "etcd")], what="etcd")
+    return str(info["url"]), int(info["pid"]), keeper_pid
+
+
+# -- job manager -----------------------------------------------------------------------------------
+
+_JOBS_RESTART_GAP_S = 1.0
+"""A job manager that keeps exiting is restarted at most this often."""
+
+
+class JobManagerProcess:
+    """The cluster's job manager (``python -m agentmesh.jobs.server``) as a child process, started
+    again whenever it exits: it keeps all its state under ``state_dir``, so a restart loses nothing.
+    Run by the local cluster's jobs keeper and by a Slurm cluster's head job."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        ray_address: str,
+        discovery_url: str,
+        *,
+        env: dict[str, str] | None = None,
+        log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+    ) -> None:
+        self.state_dir = state_dir
+        self.argv = [
+            sys.executable, "-m", "agentmesh.jobs.server", "--state-dir", str(state_dir),
+            "--ray-address", ray_address, "--discovery", discovery_url,
+            "--ready-file", str(state_dir / "ready.json"),
+        ]  # fmt: skip
+        self.env = env
+        self.log = log
+        self.ready = state_dir / "ready.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+        self.restarts = 0
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ready.unlink(missing_ok=True)
+        self.address = ""
+        self._started_at = time.monotonic()
+        with open(self.state_dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
+
+    def poll(self) -> str | None:
+        """The manager's address when it has just (re)announced one, else None; starts a manager
+        that exited again (at most once per second)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            if time.monotonic() - self._started_at >= _JOBS_RESTART_GAP_S:
+                self.restarts += 1
+                self.log(f"job manager exited with code {self.proc.returncode}; restart {self.restarts}")
+                self.start()
+            return None
+        if not self.address and self.ready.exists():
+            with contextlib.suppress(ValueError, OSError, KeyError):
+                self.address = str(json.loads(self.ready.read_text())["address"])
+                return self.address
+        return None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM (running attempts outlive it), SIGKILL after ``grace_s``."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_jobs_keeper(state_dir: str, ray_address: str, discovery_url: str, ready_file: str) -> int:
+    """The detached process that runs the cluster's job manager, restarts it when it exits, and
+    stops it on SIGTERM; it writes the manager's address to ``ready_file`` whenever one is announced."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    manager = JobManagerProcess(Path(state_dir), ray_address, discovery_url)
+    manager.start()
+    try:
+        while True:
+            address = manager.poll()
+            if address and manager.proc is not None:
+                write_atomic(ready_file, json.dumps({"address": address, "pid": manager.proc.pid}))
+            if stop.wait(0.5):
+                break
+    finally:
+        manager.stop()
+    return 0
+
+
+def _start_jobs(temp_dir: Path, ray_address: str, discovery_url: str) -> tuple[str, int]:
+    """Start the job manager's keeper in a session of its own; (manager address, keeper pid)."""
+    state_dir = temp_dir / "jobs"
+    info, keeper_pid = _start_keeper(
+        temp_dir,
+        "jobs-keeper",
+        [str(state_dir), ray_address, discovery_url],
+        what="the job manager",
+        log_to_show=state_dir / "server.log",
     )
+    return str(info["address"]), keeper_pid
 
 
 # -- up / status / down ----------------------------------------------------------------------------
@@ -499,7 +543,7 @@ def cluster_up(
             if any(process_alive(p) for p in old.all_pids()):
                 raise ClusterError(
                     f"cluster {name!r} is already up (ray {old.ray_address}, discovery {old.discovery_url}); "
-                    f"`agentmesh cluster down{'' if name == DEFAULT_CLUSTER else ' --name ' + name}` first"
+                    f"`agentmesh cluster down{name_flag(name)}` first"
                 )
             say(f"cluster {name!r}: its record names no live process; replacing it")
             _remove_files(old)
@@ -515,21 +559,14 @@ def cluster_up(
             f"ray head on 127.0.0.1:{ports['port']} ({cpus} CPUs, {num_gpus} GPUs)"
             f" in {time.monotonic() - t0:.1f}s"
         )
+        keeper_pid = jobs_keeper_pid = 0
         try:
             t0 = time.monotonic()
             discovery_url, etcd_pid, keeper_pid = _start_etcd(temp_dir)
             say(f"etcd at {discovery_url} in {time.monotonic() - t0:.1f}s")
-            jobs_address, jobs_keeper_pid = "", 0
-            if jobs_server_available():
-                t0 = time.monotonic()
-                try:
-                    jobs_address, jobs_keeper_pid = _start_jobs(
-                        temp_dir, f"127.0.0.1:{ports['port']}", discovery_url
-                    )
-                except BaseException:
-                    _kill_tree(keeper_pid, grace_s=1.0)
-                    raise
-                say(f"job manager at {jobs_address} in {time.monotonic() - t0:.1f}s")
+            t0 = time.monotonic()
+            jobs_address, jobs_keeper_pid = _start_jobs(temp_dir, f"127.0.0.1:{ports['port']}", discovery_url)
+            say(f"job manager at {jobs_address} in {time.monotonic() - t0:.1f}s")
             record = ClusterRecord(
                 name=name,
                 ray_address=f"127.0.0.1:{ports['port']}",
@@ -546,15 +583,11 @@ def cluster_up(
                 jobs_address=jobs_address,
                 jobs_keeper_pid=jobs_keeper_pid,
             )
-            tmp = record.path.with_suffix(".json.tmp")
-            tmp.write_text(record.to_json())
-            tmp.rename(record.path)
+            write_record(record)
         except BaseException:
-            _kill_tree(session, grace_s=1.0)
-            with contextlib.suppress(NameError):
-                _kill_tree(keeper_pid, grace_s=1.0)
-                if jobs_keeper_pid:
-                    _kill_tree(jobs_keeper_pid, grace_s=1.0)
+            for started in (jobs_keeper_pid, session, keeper_pid):
+                if started:
+                    _kill_tree(started, grace_s=1.0)
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
     return record

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -47,21 +46,29 @@ from pathlib import Path
 from typing import Any
 
 from agentmesh.cluster.local import (
+    _RAY_PORT_FLAGS,
     ClusterError,
     ClusterRecord,
+    JobManagerProcess,
     NoClusterError,
     _check_name,
     _clusters_lock,
+    _etcd_healthy,
     _free_port,
     _name_lock,
     _port_open,
     _remove_files,
     clusters_dir,
     load_record,
+    name_flag,
     process_alive,
+    ray_env,
+    terminate_pids,
+    write_record,
 )
 from agentmesh.cluster.templates import render_file
 from agentmesh.errors import ConfigError
+from agentmesh.files import write_atomic
 
 __all__ = [
     "SLURM_OPTION_KEYS",
@@ -119,17 +126,7 @@ _ENDED = frozenset(
     {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"}
 )
 
-_HEAD_PORT_FLAGS = (
-    "--port",
-    "--ray-client-server-port",
-    "--node-manager-port",
-    "--object-manager-port",
-    "--metrics-export-port",
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--runtime-env-agent-port",
-)
-_WORKER_PORT_FLAGS = _HEAD_PORT_FLAGS[2:]  # --port and the client server port are the head's only
+_WORKER_PORT_FLAGS = _RAY_PORT_FLAGS[2:]  # --port and the client server port are the head's only
 
 
 class HeadNotRunningError(ClusterError):
@@ -329,12 +326,6 @@ def _record_lock(name: str) -> contextlib.AbstractContextManager[None]:
     return _clusters_lock(f".{name}.record.lock")
 
 
-def _write_record(record: ClusterRecord) -> None:
-    tmp = record.path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(record.to_json())
-    tmp.rename(record.path)
-
-
 def _update_record(
     name: str, cluster_id: str, change: Callable[[ClusterRecord], bool]
 ) -> ClusterRecord | None:
@@ -347,7 +338,7 @@ def _update_record(
         if record.cluster_id != cluster_id:
             return None
         if change(record):
-            _write_record(record)
+            write_record(record)
         return record
 
 
@@ -374,17 +365,7 @@ def marked_pids(cluster_id: str, job_id: str | None = None) -> list[int]:
 
 def _kill_pids(pids: Sequence[int], *, grace_s: float) -> list[int]:
     """SIGTERM ``pids``, SIGKILL those left after ``grace_s``; the ones still alive after that."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 3.0)):
-        live = [p for p in pids if process_alive(p)]
-        if not live:
-            return []
-        for pid in live:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(process_alive(p) for p in live):
-            time.sleep(0.05)
-    return [p for p in pids if process_alive(p)]
+    return terminate_pids(lambda: [p for p in pids if process_alive(p)], grace_s=grace_s, kill_wait_s=3.0)
 
 
 def count_ray_nodes(ray_address: str, *, timeout_s: float = 5.0) -> int | None:
@@ -410,11 +391,9 @@ def count_ray_nodes(ray_address: str, *, timeout_s: float = 5.0) -> int | None:
 
 
 def _ray_env(temp_dir: Path) -> dict[str, str]:
-    from agentmesh.launcher import RAY_ENV
-
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (RAY_ENV) makes `ray start --address` refuse to join: here
     # every node names its address with --node-ip-address instead.
-    return {**os.environ, **RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "TMPDIR": str(temp_dir)}
+    return {**ray_env(temp_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
 
 def _start_ray_node(
@@ -428,7 +407,7 @@ def _start_ray_node(
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """``ray start [--head] --block`` as a child of this process (so Slurm tracks it); ready when its
     GCS (head) or raylet (worker) port answers. Retries with fresh ports on a clash."""
-    flags = _HEAD_PORT_FLAGS if head_address is None else _WORKER_PORT_FLAGS
+    flags = _RAY_PORT_FLAGS if head_address is None else _WORKER_PORT_FLAGS
     log_path = temp_dir / "ray-start.log"
     for _attempt in range(3):
         ports = {f.lstrip("-").replace("-", "_"): _free_port() for f in flags}
@@ -528,64 +507,6 @@ def _cleanup_job(cluster_id: str, job_id: str, temp_dir: Path) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-class _JobManager:
-    """The cluster's job manager (``agentmesh.jobs.server``) as a child, restarted when it exits."""
-
-    def __init__(self, state_dir: Path, ray_address: str, discovery_url: str, env: dict[str, str]) -> None:
-        self.state_dir = state_dir
-        self.args = [
-            "--state-dir",
-            str(state_dir),
-            "--ray-address",
-            ray_address,
-            "--discovery",
-            discovery_url,
-        ]
-        self.env = env
-        self.ready = state_dir / "ready.json"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.address = ""
-        self.restarts = 0
-
-    @staticmethod
-    def available() -> bool:
-        try:
-            return importlib.util.find_spec("agentmesh.jobs.server") is not None
-        except (ImportError, ValueError):
-            return False
-
-    def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ready.unlink(missing_ok=True)
-        with open(self.state_dir / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agentmesh.jobs.server", *self.args, "--ready-file", str(self.ready)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-
-    def poll(self) -> str | None:
-        """The manager's address once it (re)announces one, else None; restarts a dead manager."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is not None:
-            self.restarts += 1
-            _log(f"job manager exited with code {self.proc.returncode}; restart {self.restarts}")
-            self.address = ""
-            self.start()
-            return None
-        if not self.address and self.ready.exists():
-            with contextlib.suppress(ValueError, OSError, KeyError):
-                self.address = str(json.loads(self.ready.read_text())["address"])
-                return self.address
-        return None
-
-    def stop(self) -> None:
-        _stop_child(self.proc)
-
-
 def _run_head(ns: argparse.Namespace) -> int:
     cluster_id, job_id = _job_context()
     stop = _install_stop_handlers()
@@ -594,7 +515,7 @@ def _run_head(ns: argparse.Namespace) -> int:
     temp_dir = Path(f"/tmp/am-{cluster_id[:8]}-h{job_id}")  # short: Ray's unix sockets live under it
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray_proc: subprocess.Popen[bytes] | None = None
-    jobs: _JobManager | None = None
+    jobs: JobManagerProcess | None = None
     from agentmesh.discovery.etcd_server import EtcdServer
 
     etcd = EtcdServer(temp_dir / "etcd")
@@ -626,9 +547,8 @@ def _run_head(ns: argparse.Namespace) -> int:
             "jobs_address": "",
         }
         _write_json(ready, info)
-        if _JobManager.available():
-            jobs = _JobManager(state_dir / "jobs", ray_address, etcd.url, _ray_env(temp_dir))
-            jobs.start()
+        jobs = JobManagerProcess(state_dir / "jobs", ray_address, etcd.url, env=_ray_env(temp_dir), log=_log)
+        jobs.start()
         supervisor = _WorkerSupervisor(ns.name, cluster_id, state_dir)
         while not stop.wait(_POLL_S):
             if ray_proc.poll() is not None:
@@ -639,7 +559,7 @@ def _run_head(ns: argparse.Namespace) -> int:
                 _log("etcd exited; the head job ends")
                 code = 1
                 break
-            if jobs is not None and (address := jobs.poll()):
+            if address := jobs.poll():
                 _log(f"job manager at {address}")
                 info["jobs_address"] = address
                 _write_json(ready, info)
@@ -726,9 +646,7 @@ class _WorkerSupervisor:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.rename(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _read_head(state_dir: Path) -> dict[str, Any] | None:
@@ -840,7 +758,7 @@ def slurm_up(
             if _cluster_alive(old, slurm):
                 raise ClusterError(
                     f"cluster {name!r} is already up ({old.kind}, ray {old.ray_address or '(starting)'}); "
-                    f"`agentmesh cluster down{_name_flag(name)}` first"
+                    f"`agentmesh cluster down{name_flag(name)}` first"
                 )
             say(f"cluster {name!r}: its record names nothing alive; replacing it")
             _remove_all(old)
@@ -871,16 +789,16 @@ def slurm_up(
         t0 = time.monotonic()
         try:
             with _record_lock(name):
-                _write_record(record)  # before any sbatch: a failed `up` leaves something `down` can find
+                write_record(record)  # before any sbatch: a failed `up` leaves something `down` can find
                 _write_scripts(record, object_store_mb)
                 record.head_job_id = _submit(slurm, record, "head")
                 record.all_job_ids.append(record.head_job_id)
-                _write_record(record)
+                write_record(record)
                 for _ in range(workers):
                     job = _submit(slurm, record, "worker")
                     record.worker_job_ids.append(job)
                     record.all_job_ids.append(job)
-                _write_record(record)
+                write_record(record)
             say(
                 f"submitted head job {record.head_job_id} and {workers} worker job(s) "
                 f"{' '.join(record.worker_job_ids)}"
@@ -896,7 +814,7 @@ def slurm_up(
                 record.ports = {k: int(v) for k, v in dict(head["ports"]).items()}
                 record.num_cpus = int(num_cpus * workers)
                 record.state = "up"
-                _write_record(record)
+                write_record(record)
             say(f"ray head {record.ray_address} and etcd {record.discovery_url} on {record.node} "
                 f"in {time.monotonic() - t0:.1f}s")  # fmt: skip
         except BaseException:
@@ -906,15 +824,8 @@ def slurm_up(
             raise
     if workers and wait_workers_s > 0:
         _wait_for_nodes(slurm, record, 1 + workers, wait_workers_s, say)
-    if _JobManager.available():
-        _wait_for_jobs_address(record, 30.0, say)
+    _wait_for_jobs_address(record, 30.0, say)
     return load_record(name)
-
-
-def _name_flag(name: str) -> str:
-    from agentmesh.cluster.local import DEFAULT_CLUSTER
-
-    return "" if name == DEFAULT_CLUSTER else f" --name {name}"
 
 
 def _cluster_alive(record: ClusterRecord, slurm: Slurm) -> bool:
@@ -1022,7 +933,7 @@ def slurm_add_workers(name: str, count: int, *, say: Callable[[str], None] = lam
         if rec.state != "up":
             raise ClusterError(f"cluster {name!r} is {rec.state}")
         for _ in range(count):
-            job = slurm.sbatch(Path(rec.state_dir) / "worker.sbatch")
+            job = _submit(slurm, rec, "worker")
             rec.worker_job_ids.append(job)
             rec.all_job_ids.append(job)
             added.append(job)
@@ -1043,7 +954,7 @@ def check_head_running(record: ClusterRecord, slurm: Slurm | None = None) -> str
     if job is None or job.state != "RUNNING":
         raise HeadNotRunningError(
             f"head job {record.head_job_id} of cluster {record.name!r} is not running (state {state}); "
-            f"`agentmesh cluster down{_name_flag(record.name)}` cleans up"
+            f"`agentmesh cluster down{name_flag(record.name)}` cleans up"
         )
     return state
 
@@ -1080,8 +991,6 @@ class SlurmClusterStatus:
 
 def slurm_status(name: str) -> SlurmClusterStatus:
     """The head job's state, whether its GCS and etcd answer, the Ray nodes alive, the worker jobs."""
-    from agentmesh.cluster.local import _etcd_healthy
-
     record = load_record(name)
     slurm = Slurm()
     queued = slurm.squeue(names=record.job_names, job_ids=[record.head_job_id, *record.worker_job_ids]) or {}

@@ -96,18 +96,13 @@ def test_up_brings_a_head_and_two_workers(cli: Cli, main_cluster: dict[str, Any]
         assert json.loads(r.read())["health"] == "true"
     text = cli("status", "--name", "main")
     assert "healthy" in text.stdout and "3 nodes" in text.stdout
-    from agentmesh.cluster.local import jobs_server_available
+    # The head runs the cluster's job manager beside Ray.
+    from agentmesh.jobs.client import JobClient
 
-    if jobs_server_available():  # the head runs the cluster's job manager beside Ray
-        from agentmesh.jobs.client import JobClient
-
-        assert st["jobs_address"]
-        client = JobClient(st["jobs_address"])
-        try:
-            job = client.submit({"name": "hello", "tasks": [{"name": "a", "command": ["sh", "-c", "true"]}]})
-            assert client.wait(job, timeout_s=60).state == "SUCCEEDED"
-        finally:
-            client.close()
+    assert st["jobs_address"]
+    with JobClient(st["jobs_address"]) as client:
+        job = client.submit({"name": "hello", "tasks": [{"name": "a", "command": ["sh", "-c", "true"]}]})
+        assert client.wait(job, timeout_s=60).state == "SUCCEEDED"
     # Every process of the cluster carries its marker (what `down` relies on).
     assert len(marked_processes(main_cluster["cluster_id"])) >= 6
 
