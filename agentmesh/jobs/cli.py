@@ -18,6 +18,7 @@ from typing import Any
 from agentmesh.errors import AgentMeshError, ConfigError, InvalidArgument, RpcError, Unavailable
 from agentmesh.jobs.spec import load_job_spec
 from agentmesh.jobs.states import CANCELLED, FAILED, JobStatus
+from agentmesh.text import align_columns
 
 __all__ = ["add_job_commands", "main", "render_status"]
 
@@ -31,11 +32,10 @@ def _address(ns: argparse.Namespace) -> str:
         return str(ns.jobs)
     from agentmesh.cluster import load_record
 
-    record = load_record(ns.cluster)
-    address = getattr(record, "jobs_address", "") or ""
+    address = load_record(ns.cluster).jobs_address
     if not address:
         raise _NoManager(f"cluster {ns.cluster} has no job manager (pass --jobs HOST:PORT)")
-    return str(address)
+    return address
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -44,10 +44,14 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 
+def _counts(status: JobStatus) -> str:
+    """``2 running, 1 succeeded``: how many tasks are in each state."""
+    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(status.task_counts.items()))
+
+
 def render_status(status: JobStatus) -> str:
     """A job's header line and a table of its tasks (name, state, attempts, exit, duration, error)."""
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(status.task_counts.items()))
-    lines = [f"job {status.job_id} ({status.name}): {status.state}  [{counts}]"]
+    lines = [f"job {status.job_id} ({status.name}): {status.state}  [{_counts(status)}]"]
     if status.tasks:
         rows = [("TASK", "STATE", "ATTEMPTS", "EXIT", "DURATION", "ERROR")]
         for t in status.tasks:
@@ -61,9 +65,7 @@ def render_status(status: JobStatus) -> str:
                     t.error.replace("\n", " ")[:80],
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        for r in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+        lines += align_columns(rows)
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -86,8 +88,7 @@ def _cmd_submit(ns: argparse.Namespace, client: Any) -> int:
     t0 = time.monotonic()
 
     def progress(st: JobStatus) -> None:
-        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(st.task_counts.items()))
-        print(f"[{time.monotonic() - t0:6.1f}s] {st.state}: {counts}", file=sys.stderr)
+        print(f"[{time.monotonic() - t0:6.1f}s] {st.state}: {_counts(st)}", file=sys.stderr)
 
     final = client.wait(job_id, timeout_s=ns.timeout, on_progress=progress)
     if ns.json:
@@ -202,7 +203,7 @@ def run_job_command(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m agentmesh.jobs.cli job …``) until the lead wires ``agentmesh job``."""
+    """Standalone entry: ``python -m agentmesh.jobs.cli job …`` (the same as ``agentmesh job …``)."""
     parser = argparse.ArgumentParser(prog="agentmesh")
     sub = parser.add_subparsers(dest="command", required=True)
     add_job_commands(sub)

@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -71,8 +70,7 @@ class JobClient:
         where the job was submitted from, on a shared file system).
         """
         if isinstance(spec, JobSpec):
-            here = os.getcwd()
-            text = replace(spec, tasks=[t if t.cwd else replace(t, cwd=here) for t in spec.tasks]).to_json()
+            text = spec.with_default_cwd(os.getcwd()).to_json()
         else:
             raw = dict(spec)
             raw.setdefault("cwd", os.getcwd())

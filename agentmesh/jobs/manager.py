@@ -140,19 +140,12 @@ class JobManager:
         """Accept a validated job; returns its id. ConfigError if no node could ever run a task."""
         if self.check_resources:
             self._check_feasible(spec)
-        spec = self._with_cwd(spec)
+        spec = spec.with_default_cwd(self._cwd)
         job_id = _new_job_id(spec.name)
         self.store.add_job(job_id, spec, time.time())
         log.info("job %s: %d task(s), concurrency %d", job_id, len(spec.tasks), spec.concurrency)
         self._wake.set()
         return job_id
-
-    def _with_cwd(self, spec: JobSpec) -> JobSpec:
-        if all(t.cwd for t in spec.tasks):
-            return spec
-        from dataclasses import replace
-
-        return replace(spec, tasks=[t if t.cwd else replace(t, cwd=self._cwd) for t in spec.tasks])
 
     def _check_feasible(self, spec: JobSpec) -> None:
         import ray

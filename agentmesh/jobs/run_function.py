@@ -18,6 +18,8 @@ import sys
 import traceback
 from typing import Any
 
+from agentmesh.files import write_atomic
+
 __all__ = ["main", "resolve"]
 
 
@@ -64,10 +66,7 @@ def main(argv: list[str]) -> int:
         print(f"run_function: the result of {target} is not JSON: {exc}", file=sys.stderr)
         return 1
     if result_path:
-        tmp = result_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, result_path)
+        write_atomic(result_path, text)
     return 0
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentmesh.files import write_atomic
 from agentmesh.jobs.states import AttemptOutcome
 
 __all__ = [
@@ -170,9 +171,7 @@ class AttemptRunner:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ln.result_path)  # a result only counts if this attempt wrote it
         if ln.args_json is not None:
-            tmp = ln.args_path + ".tmp"
-            Path(tmp).write_text(ln.args_json)
-            os.replace(tmp, ln.args_path)
+            write_atomic(ln.args_path, ln.args_json)
         env = {**os.environ, **ln.env}
         with open(ln.log_path, "ab", buffering=0) as log:
             # The child writes to the file itself (no pipe through us): the log is readable while it

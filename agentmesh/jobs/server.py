@@ -30,10 +30,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentmesh.errors import ConfigError
+from agentmesh.files import write_atomic
 from agentmesh.jobs.manager import JobManager, UnknownJob
 from agentmesh.jobs.runner import NAMESPACE
 from agentmesh.jobs.spec import parse_job_spec
-from agentmesh.jobs.states import RUNNING
+from agentmesh.jobs.states import BACKOFF, PENDING, RUNNING
 from agentmesh.v1 import jobs_pb2 as jpb
 from agentmesh.v1 import jobs_pb2_grpc as jgrpc
 
@@ -127,7 +128,7 @@ class JobServer(jgrpc.JobServiceServicer):
             rec = self.manager.attempt(request.job_id, request.task, request.attempt or None)
             while rec is None and request.follow:
                 # Following a task that has not started yet: wait for its first attempt.
-                if self.manager.store.task_state(request.job_id, request.task) not in ("PENDING", "BACKOFF"):
+                if self.manager.store.task_state(request.job_id, request.task) not in (PENDING, BACKOFF):
                     break
                 await asyncio.sleep(_FOLLOW_POLL_S)
                 rec = self.manager.attempt(request.job_id, request.task, request.attempt or None)
@@ -184,13 +185,6 @@ def _connect_ray(address: str) -> None:
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
 
 
-def _write_ready(path: str, address: str) -> None:
-    # Written then renamed: whoever polls for the file never reads half of it.
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
-    tmp.rename(path)
-
-
 async def _serve(ns: argparse.Namespace) -> int:
     manager = JobManager(ns.state_dir)
     server = JobServer(manager)
@@ -208,7 +202,7 @@ async def _serve(ns: argparse.Namespace) -> int:
             ttl_s=5.0,
         )
     if ns.ready_file:
-        _write_ready(ns.ready_file, address)
+        write_atomic(ns.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
     log.info("job manager serving on %s (state %s)", address, manager.state_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

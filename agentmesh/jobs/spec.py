@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,16 +93,20 @@ class TaskSpec:
             command=list(command) if command is not None else None,
             function=d.get("function"),
             args=dict(d.get("args", {})),
-            cpus=float(res.get("cpus", 1.0)),
-            gpus=float(res.get("gpus", 0.0)),
-            memory_mb=float(res.get("memory_mb", 0.0)),
-            retries=int(d.get("retries", 0)),
-            backoff_s=float(d.get("backoff_s", 1.0)),
-            backoff_max_s=float(d.get("backoff_max_s", 60.0)),
-            timeout_s=float(d.get("timeout_s", 0.0)),
+            cpus=float(res.get("cpus", _DEFAULT_TASK.cpus)),
+            gpus=float(res.get("gpus", _DEFAULT_TASK.gpus)),
+            memory_mb=float(res.get("memory_mb", _DEFAULT_TASK.memory_mb)),
+            retries=int(d.get("retries", _DEFAULT_TASK.retries)),
+            backoff_s=float(d.get("backoff_s", _DEFAULT_TASK.backoff_s)),
+            backoff_max_s=float(d.get("backoff_max_s", _DEFAULT_TASK.backoff_max_s)),
+            timeout_s=float(d.get("timeout_s", _DEFAULT_TASK.timeout_s)),
             env=dict(d.get("env", {})),
             cwd=str(d.get("cwd", "")),
         )
+
+
+_DEFAULT_TASK = TaskSpec(name="")
+"""Where the defaults of every task field come from (the spec, its parser and its reader)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,12 @@ class JobSpec:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def with_default_cwd(self, cwd: str) -> JobSpec:
+        """This job with ``cwd`` as the working directory of every task that names none."""
+        if all(t.cwd for t in self.tasks):
+            return self
+        return replace(self, tasks=[t if t.cwd else replace(t, cwd=cwd) for t in self.tasks])
 
 
 # -- field checks ----------------------------------------------------------------------------------
@@ -281,14 +291,15 @@ def parse_job_spec(raw: Any) -> JobSpec:
     if not isinstance(name, str) or not _JOB_NAME_RE.match(name):
         raise ConfigError(f"expected [A-Za-z0-9_.-]{{1,64}}, got {name!r}", key="name")
     concurrency = int(_number(d.get("concurrency", 1), "concurrency", minimum=1, integer=True))
+    dt = _DEFAULT_TASK
     base: dict[str, Any] = {
-        "retries": 0,
-        "backoff_s": 1.0,
-        "backoff_max_s": 60.0,
-        "timeout_s": 0.0,
-        "resources": {"cpus": 1.0, "gpus": 0.0, "memory_mb": 0.0},
+        "retries": dt.retries,
+        "backoff_s": dt.backoff_s,
+        "backoff_max_s": dt.backoff_max_s,
+        "timeout_s": dt.timeout_s,
+        "resources": {"cpus": dt.cpus, "gpus": dt.gpus, "memory_mb": dt.memory_mb},
         "env": {},
-        "cwd": "",
+        "cwd": dt.cwd,
     }
     base = _defaults(d, "", base)
     tasks_raw = d.get("tasks")

@@ -249,13 +249,6 @@ class JobStore:
             row = self._db.execute("SELECT MIN(retry_at) FROM tasks WHERE state = ?", (BACKOFF,)).fetchone()
             return float(row[0]) if row[0] is not None else None
 
-    def task_spec(self, job_id: str, task: str) -> TaskSpec | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT spec FROM tasks WHERE job_id = ? AND name = ?", (job_id, task)
-            ).fetchone()
-            return TaskSpec.from_dict(json.loads(row[0])) if row else None
-
     def start_attempt(
         self, job_id: str, task: str, names: Callable[[int], tuple[str, str]], now: float
     ) -> AttemptRecord:
@@ -298,13 +291,10 @@ class JobStore:
             ).fetchone()
             if row is None or row["state"] != RUNNING:
                 return None
-            spec = TaskSpec.from_dict(
-                json.loads(
-                    db.execute(
-                        "SELECT spec FROM tasks WHERE job_id = ? AND name = ?", (job_id, task)
-                    ).fetchone()[0]
-                )
-            )
+            row = db.execute(
+                "SELECT spec FROM tasks WHERE job_id = ? AND name = ?", (job_id, task)
+            ).fetchone()
+            spec = TaskSpec.from_dict(json.loads(row[0]))
             ended = outcome.ended_unix or now
             db.execute(
                 "UPDATE attempts SET state = ?, ended = ?, exit_code = ?, error = ?, result = ?, node = ?, "

@@ -43,6 +43,7 @@ from agentmesh.errors import ConfigError, LlmError
 from agentmesh.llm_gateway.client import llm_service_name
 from agentmesh.llm_gateway.constants import VLLM_STARTUP_TIMEOUT_S
 from agentmesh.llm_gateway.replica import EXTERNAL_BACKENDS, BackendKind, LlmReplica
+from agentmesh.text import align_columns
 
 __all__ = [
     "BACKENDS",
@@ -611,10 +612,7 @@ def format_status(rows: Sequence[ReplicaStatus]) -> str:
                 r.address or "-",
             )
         )
-    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return "\n".join(align_columns(lines))
 
 
 # -- remove ----------------------------------------------------------------------------------------

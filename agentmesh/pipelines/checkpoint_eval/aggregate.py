@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agentmesh.text import align_columns
+
 __all__ = ["Cell", "TaskOutcome", "aggregate", "format_cell", "format_table", "mean_stderr"]
 
 
@@ -120,10 +122,5 @@ def format_table(cells: Sequence[Cell], checkpoints: Sequence[str], benchmarks: 
     lookup = {(c.checkpoint, c.benchmark): c for c in cells}
     header = ["checkpoint", *benchmarks]
     rows = [[ckpt, *(format_cell(lookup[(ckpt, b)]) for b in benchmarks)] for ckpt in checkpoints]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cols: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
-    return "\n".join(out)
+    rule = ["-" * max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(align_columns([header, rule, *rows]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.jobs.states import TERMINAL
 from agentmesh.pipelines.checkpoint_eval.aggregate import TaskOutcome, aggregate, format_table
 from agentmesh.pipelines.checkpoint_eval.benchmarks import BENCHMARKS, parse_benchmark_names
 
@@ -43,9 +45,7 @@ __all__ = [
 ]
 
 TASK_FUNCTION = "agentmesh.pipelines.checkpoint_eval.task:evaluate"
-JOBS_SERVICE = "agentmesh-jobs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
-_DONE_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 # Ray CPUs per task. A vLLM CPU task also starts a replica that Ray accounts at 0.1 CPU: 0.9 + 0.1
 # makes one evaluation one core, so C evaluations fit a C-core cluster instead of starving the
 # last replica of its 0.1 (a deploy that would then wait forever).
@@ -273,26 +273,18 @@ def resolve_jobs_address(cluster: str, discovery_url: str, explicit: str | None 
     if explicit:
         return explicit
     from agentmesh.cluster import NoClusterError, load_record
+    from agentmesh.jobs.server import DISCOVERY_SERVICE
 
-    try:
-        record = load_record(cluster)
-    except NoClusterError:
-        record = None
-    address = getattr(record, "jobs_address", None) if record is not None else None
-    if address:
-        return str(address)
-    if record is not None:
-        # The record may come from a newer writer than this reader's ClusterRecord.
-        raw = json.loads(record.path.read_text())
-        if raw.get("jobs_address"):
-            return str(raw["jobs_address"])
+    with contextlib.suppress(NoClusterError):
+        if address := load_record(cluster).jobs_address:
+            return address
 
     async def look() -> str | None:
         from agentmesh.discovery import connect
 
         d = connect(discovery_url)
         try:
-            eps = await d.snapshot(JOBS_SERVICE)
+            eps = await d.snapshot(DISCOVERY_SERVICE)
         finally:
             await d.close()
         return eps[0].address if eps else None
@@ -301,7 +293,7 @@ def resolve_jobs_address(cluster: str, discovery_url: str, explicit: str | None 
     if not found:
         raise ConfigError(
             f"no job manager: cluster {cluster!r} has no jobs_address and discovery has no "
-            f"{JOBS_SERVICE!r} service; give --jobs-address HOST:PORT",
+            f"{DISCOVERY_SERVICE!r} service; give --jobs-address HOST:PORT",
             key="--jobs-address",
         )
     return found
@@ -413,17 +405,15 @@ def _follow(
     while True:
         status = client.status(job_id)
         for t in status.tasks:
-            if t.state in _DONE_STATES and t.name not in seen:
+            if t.state in TERMINAL and t.name not in seen:
                 seen.add(t.name)
                 say(f"[{len(seen)}/{total}] {_task_line(t)}  ({time.monotonic() - t0:.0f} s)")
-        if status.state in _DONE_STATES:
+        if status.done:
             return status
         now = time.monotonic()
         if now - last_summary >= 30:
             last_summary = now
-            counts: dict[str, int] = {}
-            for t in status.tasks:
-                counts[t.state] = counts.get(t.state, 0) + 1
+            counts = status.task_counts
             say(f"job {job_id} {status.state}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         if cfg.wait_timeout_s is not None and now - t0 > cfg.wait_timeout_s:
             client.cancel(job_id)
