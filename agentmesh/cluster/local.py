@@ -417,7 +417,8 @@ _JOBS_RESTART_GAP_S = 1.0
 
 class JobManagerProcess:
     """The cluster's job manager (``python -m agentmesh.jobs.server``) as a child process, started
-    again whenever it exits: it keeps all its state under ``state_dir``, so a restart loses nothing.
+    again whenever it exits: it keeps all its state under ``state_dir``, so a restart loses nothing,
+    and it listens on the port it had, so the address in the cluster's record stays good.
     Run by the local cluster's jobs keeper and by a Slurm cluster's head job."""
 
     def __init__(
@@ -442,15 +443,18 @@ class JobManagerProcess:
         self.address = ""
         self.restarts = 0
         self._started_at = 0.0
+        self._port = 0
+        """The port the manager announced; the next start asks for it again."""
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ready.unlink(missing_ok=True)
         self.address = ""
         self._started_at = time.monotonic()
+        argv = [*self.argv, "--port", str(self._port)]
         with open(self.state_dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
 
     def poll(self) -> str | None:
@@ -459,6 +463,8 @@ class JobManagerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is not None:
+            if not self.address:
+                self._port = 0  # it never served on that port (taken meanwhile?): take any
             if time.monotonic() - self._started_at >= _JOBS_RESTART_GAP_S:
                 self.restarts += 1
                 self.log(f"job manager exited with code {self.proc.returncode}; restart {self.restarts}")
@@ -467,6 +473,7 @@ class JobManagerProcess:
         if not self.address and self.ready.exists():
             with contextlib.suppress(ValueError, OSError, KeyError):
                 self.address = str(json.loads(self.ready.read_text())["address"])
+                self._port = int(self.address.rsplit(":", 1)[1])
                 return self.address
         return None
 

@@ -4,6 +4,8 @@ re-attached, and every task completes exactly once."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -96,3 +98,25 @@ def test_killed_and_restarted_manager_loses_nothing_and_runs_nothing_twice(
             assert "".join(client.logs(job_id, "r0")) == ""  # logs still readable (this task prints nothing)
     finally:
         manager.stop()
+
+
+def test_the_cluster_keeps_its_job_manager_at_its_address(jobs_cluster: ClusterRecord) -> None:
+    """The job manager `cluster up` started, SIGKILLed, is started again by its keeper on the same
+    port: the address in the cluster's record keeps working, and the jobs are all still there."""
+    ready = Path(jobs_cluster.temp_dir) / "jobs" / "ready.json"
+    with JobClient(jobs_cluster.jobs_address) as client:
+        job_id = client.submit({"name": "kept", "tasks": [{"name": "a", "command": "true"}]})
+        assert client.wait(job_id, timeout_s=60).state == "SUCCEEDED"
+    old = json.loads(ready.read_text())
+    assert old["address"] == jobs_cluster.jobs_address
+    os.kill(old["pid"], signal.SIGKILL)
+    new = wait_until(
+        lambda: ready.exists() and (r := json.loads(ready.read_text()))["pid"] != old["pid"] and r,
+        30,
+        "the keeper to start the job manager again",
+    )
+    assert new["address"] == jobs_cluster.jobs_address
+    with JobClient(jobs_cluster.jobs_address) as client:
+        assert client.status(job_id).state == "SUCCEEDED"
+        again = client.submit({"name": "after", "tasks": [{"name": "b", "command": "true"}]})
+        assert client.wait(again, timeout_s=60).state == "SUCCEEDED"
