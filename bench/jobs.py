@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/jobs.py [--tasks 40] [--concurrency 4] [--sleep 0.5] [--noop 60]
 
-Setup: a local cluster (``agentmesh.cluster.cluster_up``: a Ray head on loopback and an etcd, under
-a private ``AGENTMESH_HOME``) and one job manager (``python -m agentmesh.jobs.server``) as a real
-subprocess on it, as ``agentmesh cluster up`` deploys them; the client runs here.
+Setup: a local cluster (``agentmesh.cluster.cluster_up``: a Ray head on loopback, an etcd and the
+cluster's job manager, ``python -m agentmesh.jobs.server``, under a private ``AGENTMESH_HOME``), as
+``agentmesh cluster up`` deploys them; the client runs here.
 
 Two workloads, each run through the jobs API and, as the baseline, as plain Ray tasks from this
 process (``@ray.remote`` functions that run the same command with ``subprocess``, at most C in
@@ -34,38 +34,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _start_manager(state: Path, ray_address: str) -> tuple[subprocess.Popen[bytes], str]:
-    import json
-
-    ready = state.parent / "manager.ready"
-    log = open(state.parent / "manager.log", "ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentmesh.jobs.server",
-            "--state-dir",
-            str(state),
-            "--ray-address",
-            ray_address,
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=str(REPO),
-    )
-    log.close()
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the job manager did not start; see {state.parent / 'manager.log'}")
-        time.sleep(0.05)
-    return proc, str(json.loads(ready.read_text())["address"])
 
 
 def run_jobs(address: str, name: str, argv: list[str], n: int, concurrency: int) -> dict[str, Any]:
@@ -126,10 +94,8 @@ def main() -> None:
 
     name = f"benchjobs{os.getpid()}"
     record = cluster_up(name, num_cpus=ns.concurrency + 2)
-    manager = None
+    address = record.jobs_address
     try:
-        (base / "state").mkdir()
-        manager, address = _start_manager(base / "state", record.ray_address)
         import ray
 
         ray.init(address=record.ray_address, logging_level="ERROR", log_to_driver=False)
@@ -189,9 +155,6 @@ def main() -> None:
         )
         write_json("jobs", results)
     finally:
-        if manager is not None:
-            manager.terminate()
-            manager.wait(30)
         try:
             import ray
 

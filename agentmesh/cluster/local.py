@@ -220,6 +220,23 @@ def _all_pids() -> Iterator[int]:
             yield int(entry)
 
 
+def pids_with_env(*entries: str) -> list[int]:
+    """Live processes (not this one) whose environment holds every ``NAME=value`` of ``entries``:
+    how a cluster finds what it started even after it left the process tree."""
+    want = {e.encode() for e in entries}
+    found = []
+    for pid in _all_pids():
+        if pid == os.getpid():
+            continue
+        try:
+            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= environ and process_alive(pid):
+            found.append(pid)
+    return sorted(found)
+
+
 def _session_tree(session: int) -> list[int]:
     """Live processes of ``session`` and all their descendants, whatever their session."""
     stats = {pid: st for pid in _all_pids() if (st := _stat(pid)) is not None}

@@ -61,6 +61,7 @@ from agentmesh.cluster.local import (
     clusters_dir,
     load_record,
     name_flag,
+    pids_with_env,
     process_alive,
     ray_env,
     terminate_pids,
@@ -347,20 +348,8 @@ def _update_record(
 
 def marked_pids(cluster_id: str, job_id: str | None = None) -> list[int]:
     """Live processes on this node whose environment carries the cluster's (and job's) marker."""
-    want = {f"AGENTMESH_CLUSTER_ID={cluster_id}".encode()}
-    if job_id is not None:
-        want.add(f"AGENTMESH_CLUSTER_JOB={job_id}".encode())
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if want <= environ and process_alive(int(entry)):
-            found.append(int(entry))
-    return sorted(found)
+    job = [f"AGENTMESH_CLUSTER_JOB={job_id}"] if job_id is not None else []
+    return pids_with_env(f"AGENTMESH_CLUSTER_ID={cluster_id}", *job)
 
 
 def _kill_pids(pids: Sequence[int], *, grace_s: float) -> list[int]:

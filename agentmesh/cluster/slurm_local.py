@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+from agentmesh.cluster.local import _free_port, pids_with_env, process_alive
 from agentmesh.cluster.templates import render_file
 from agentmesh.errors import AgentMeshError
 
@@ -52,20 +53,6 @@ def _which(binary: str) -> str:
     if not found:
         raise SlurmSetupError(f"{binary} not found: run deploy/install_slurm.sh (apt slurm-wlm munge)")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _real_memory_mb() -> int:
@@ -159,7 +146,7 @@ class LocalSlurm:
     def _start_munge(self) -> None:
         munge_dir = self.dir / "munge"
         pid_file = munge_dir / "munged.pid"
-        if pid_file.exists() and _pid_alive(int(pid_file.read_text().strip() or 0)):
+        if pid_file.exists() and process_alive(int(pid_file.read_text().strip() or 0)):
             return
         user = pwd.getpwnam("munge")
         key = munge_dir / "munge.key"
@@ -222,21 +209,9 @@ class LocalSlurm:
         ):
             with contextlib.suppress(FileNotFoundError, ValueError):
                 pid = int(path.read_text().strip())
-                if _pid_alive(pid):
+                if process_alive(pid):
                     found[name] = pid
         return found
-
-    def _marked_pids(self) -> list[int]:
-        """Processes started by this instance's daemons (job steps and what they left behind)."""
-        mark = f"AGENTMESH_LOCAL_SLURM={self.dir}".encode()
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry))
-        return pids
 
     def down(self, *, timeout_s: float = 30.0) -> None:
         """Cancel every job, stop slurmd, slurmctld and munged; kill what is left of their jobs."""
@@ -257,12 +232,13 @@ class LocalSlurm:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and _pid_alive(pid):
+            while time.monotonic() < deadline and process_alive(pid):
                 time.sleep(0.05)
-            if _pid_alive(pid):
+            if process_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        for pid in self._marked_pids():
+        # Processes started by this instance's daemons (job steps and what they left behind).
+        for pid in pids_with_env(f"AGENTMESH_LOCAL_SLURM={self.dir}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.timings["down_s"] = time.monotonic() - t0

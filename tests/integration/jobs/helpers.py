@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from agentmesh.cluster import ClusterRecord
+from agentmesh.cluster.local import process_alive
 
 REPO = Path(__file__).resolve().parents[3]
 T = TypeVar("T")
@@ -67,13 +68,7 @@ class ManagerProcess:
                 self.proc.wait()
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie waiting for its parent counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(") ", 1)[1][0] not in "ZX"
+alive = process_alive  # a zombie waiting for its parent counts as gone
 
 
 def wait_until(cond: Callable[[], T], timeout_s: float = 30.0, what: str = "condition") -> T:
