@@ -65,6 +65,7 @@ from agentmesh.llm_gateway.constants import (
     LLM_CONNECT_TIMEOUT_S,
     LLM_CONNECTOR_LIMIT,
     LLM_ENDPOINT_WAIT_S,
+    LLM_KEEPALIVE_S,
     LLM_MAX_ATTEMPTS,
     LLM_SERVICE_PREFIX,
     LLM_TIMEOUT_S,
@@ -195,18 +196,55 @@ class AiohttpTransport:
     """One pooled :class:`aiohttp.ClientSession`, created on first use (it needs a running loop)."""
 
     def __init__(
-        self, *, connector_limit: int = LLM_CONNECTOR_LIMIT, connect_timeout_s: float = LLM_CONNECT_TIMEOUT_S
+        self,
+        *,
+        connector_limit: int = LLM_CONNECTOR_LIMIT,
+        connect_timeout_s: float = LLM_CONNECT_TIMEOUT_S,
+        keepalive_s: float = LLM_KEEPALIVE_S,
     ) -> None:
         self._connector_limit = connector_limit
         self._connect_timeout_s = connect_timeout_s
+        self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None  # never pools: resends only
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_session(self, *, fresh: bool = False) -> aiohttp.ClientSession:
+        if fresh:
+            if self._fresh_session is None or self._fresh_session.closed:
+                connector = aiohttp.TCPConnector(limit=self._connector_limit, force_close=True)
+                self._fresh_session = aiohttp.ClientSession(connector=connector)
+            return self._fresh_session
         if self._session is None or self._session.closed:
             # limit_per_host=0: all replicas of a model may sit on one host (CPU tests, simulators).
-            connector = aiohttp.TCPConnector(limit=self._connector_limit, limit_per_host=0)
+            connector = aiohttp.TCPConnector(
+                limit=self._connector_limit, limit_per_host=0, keepalive_timeout=self._keepalive_s
+            )
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
+
+    async def _post(
+        self, url: str, data: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> aiohttp.ClientResponse:
+        """POST and wait for the answer's status and headers.
+
+        A pooled connection the server closes just as we reuse it (its keep-alive timer fired: vLLM's
+        uvicorn closes after 5 s idle) fails the request with "server disconnected" or "connection
+        reset" before any answer began, so the server never ran it: it is sent once more, on a new
+        connection (not another pooled one: those went idle together and may be closing too). aiohttp
+        does this itself only for idempotent methods; a completion POST is safe to resend. A replica
+        that died fails the second try too (refused: :class:`ReplicaUnreachable`).
+        """
+        try:
+            return await self._get_session().post(
+                url, data=data, headers=headers, timeout=self._timeout(timeout_s)
+            )
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            log.debug("resending to %s on a new connection: %s: %s", url, type(exc).__name__, exc)
+        return await self._get_session(fresh=True).post(
+            url, data=data, headers=headers, timeout=self._timeout(timeout_s)
+        )
 
     def _timeout(self, timeout_s: float) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(self._connect_timeout_s, timeout_s))
@@ -217,9 +255,7 @@ class AiohttpTransport:
         data = json.dumps(payload).encode()
         hdrs = {"Content-Type": "application/json", **headers}
         try:
-            async with self._get_session().post(
-                url, data=data, headers=hdrs, timeout=self._timeout(timeout_s)
-            ) as resp:
+            async with await self._post(url, data, hdrs, timeout_s) as resp:
                 body = await resp.read()
                 return TransportResponse(resp.status, body, {k.lower(): v for k, v in resp.headers.items()})
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -239,17 +275,16 @@ class AiohttpTransport:
         data = json.dumps(payload).encode()
         hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream", **headers}
         try:
-            resp = await self._get_session().post(
-                url, data=data, headers=hdrs, timeout=self._timeout(timeout_s)
-            )
+            resp = await self._post(url, data, hdrs, timeout_s)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _transport_error(exc) from exc
         return _AiohttpStream(resp)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh_session = None
 
 
 # -- results and per-replica state ---------------------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = [
     "LLM_CONNECT_TIMEOUT_S",
     "LLM_DEAD_REPROBE_S",
     "LLM_ENDPOINT_WAIT_S",
+    "LLM_KEEPALIVE_S",
     "LLM_LOAD_STALENESS_S",
     "LLM_MAX_ATTEMPTS",
     "LLM_MAX_IN_FLIGHT_PER_REPLICA",
@@ -79,6 +80,11 @@ LLM_CONNECT_TIMEOUT_S = _env_float("AGENTMESH_LLM_CONNECT_TIMEOUT_S", 5.0, minim
 
 LLM_CONNECTOR_LIMIT = _env_int("AGENTMESH_LLM_CONNECTOR_LIMIT", 4096)
 """Pooled HTTP connections per client; aiohttp's default of 100 would queue hundreds of calls."""
+
+LLM_KEEPALIVE_S = _env_float("AGENTMESH_LLM_KEEPALIVE_S", 4.0, minimum=0.001)
+"""How long an idle pooled connection is kept. Below the 5 s after which vLLM's server (uvicorn)
+closes an idle one, so we drop it first instead of racing the server's close (aiohttp's default is
+15 s). A close that races a request anyway is resent once (see ``AiohttpTransport``)."""
 
 LLM_ENDPOINT_WAIT_S = _env_float("AGENTMESH_LLM_ENDPOINT_WAIT_S", 10.0)
 """How long a call waits for a first replica of its model to appear in discovery."""

@@ -8,11 +8,8 @@ One vLLM server per module (it costs ~30-40 s and ~4 GB to start); it needs the 
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -146,28 +143,9 @@ async def test_stop_deregisters(vllm_stack: VllmStack) -> None:
 # -- Ray: a crashed replica actor comes back and registers again ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[Any]:
-    ray = pytest.importorskip("ray")
-    for key, value in {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        yield ray
-        return
-    temp_dir = tempfile.mkdtemp(prefix="ray-llm-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+async def test_ray_replica_actor_reregisters_after_crash(etcd: EtcdServer, ray_session: None) -> None:
+    import ray
 
-
-async def test_ray_replica_actor_reregisters_after_crash(etcd: EtcdServer, ray_session: Any) -> None:
-    pytest.importorskip("agentmesh.llm_gateway.simulator")
     from agentmesh.llm_gateway.replica import LlmReplicaActor
 
     model = "sim-tiny"
@@ -188,7 +166,7 @@ async def test_ray_replica_actor_reregisters_after_crash(etcd: EtcdServer, ray_s
         res = await client.chat([{"role": "user", "content": "hi"}], max_tokens=4)
         assert res.replica_id == first["replica_id"] and res.completion_tokens > 0
 
-        ray_session.kill(actor, no_restart=False)  # a crash: Ray restarts the actor
+        ray.kill(actor, no_restart=False)  # a crash: Ray restarts the actor
         # Nobody calls anything on the actor: it must start and register again by itself, and the
         # dead one's lease must run out.
         await cache.wait_for(
@@ -206,4 +184,4 @@ async def test_ray_replica_actor_reregisters_after_crash(etcd: EtcdServer, ray_s
         await client.close()
         await cache.close()
         await discovery.close()
-        ray_session.kill(actor, no_restart=True)
+        ray.kill(actor, no_restart=True)
