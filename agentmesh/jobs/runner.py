@@ -15,16 +15,16 @@ re-attaches to the running attempts by name and collects outcomes that ended whi
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,23 +83,33 @@ class AttemptLaunch:
         return asdict(self)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec function that makes the child get SIGKILL when its parent dies (Linux
-    ``PR_SET_PDEATHSIG``): an actor killed with its node's raylet, or OOM-killed, takes its task's
-    process along instead of leaving it running beside the retry. None where there is no prctl."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_pdeathsig() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return set_pdeathsig
+_SETPRIV = shutil.which("setpriv")
 
 
-_DIE_WITH_PARENT = _die_with_parent()
+def _die_with_parent(argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
+    """``argv`` started so that it gets SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``,
+    kept across exec): an actor killed with its node's raylet, or OOM-killed, takes its task's
+    process along instead of leaving it running beside the retry.
+
+    util-linux's ``setpriv --pdeathsig`` sets it and execs the command. Not a ``preexec_fn``: the
+    actor is a Ray worker, with gRPC's threads, where Python code between fork and exec may
+    deadlock. The program is resolved here (on the task's PATH, from its cwd), so that a missing
+    one still fails to start (an error that names it) rather than as setpriv's exit code.
+    """
+    program = argv[0]
+    if os.sep in program:
+        found = os.path.join(cwd, program) if cwd else program
+        if not os.path.isfile(found):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if not os.access(found, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))  # type: ignore[assignment]
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if _SETPRIV is None:
+        return argv  # no util-linux: no parent-death signal
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", found, *argv[1:]]
 
 
 def _exit_code(returncode: int) -> int:
@@ -173,18 +183,18 @@ class AttemptRunner:
         if ln.args_json is not None:
             write_atomic(ln.args_path, ln.args_json)
         env = {**os.environ, **ln.env}
+        argv = _die_with_parent(ln.argv, env, ln.cwd)
         with open(ln.log_path, "ab", buffering=0) as log:
             # The child writes to the file itself (no pipe through us): the log is readable while it
             # runs and keeps what was written even if this actor dies.
             return subprocess.Popen(
-                ln.argv,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=ln.cwd or None,
                 start_new_session=True,  # its own process group: a timeout or cancel kills all of it
-                preexec_fn=_DIE_WITH_PARENT,
             )
 
     def _kill_group(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,24 @@ def test_function_task(tmp_path: Path) -> None:
     out = AttemptRunner(launch).wait(30)
     assert out is not None and not out["ok"] and out["exit_code"] == 1
     assert "boom raised ValueError: no good" in out["error"]
+
+
+def test_program_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    out = AttemptRunner(_launch(tmp_path, ["./script.sh"])).wait(10)
+    assert (
+        out is not None and not out["ok"] and out["error"] == "cannot start './script.sh': Permission denied"
+    )
+    script.chmod(0o755)  # relative to the task's cwd, and found there once it may run
+    out = AttemptRunner(_launch(tmp_path, ["./script.sh"])).wait(10)
+    assert out is not None and out["ok"], out
+    assert (tmp_path / "logs" / "t.1.log").read_text().endswith("hi\n")
+
+
+def test_the_task_process_gets_a_parent_death_signal(tmp_path: Path) -> None:
+    # It dies with the actor that started it: the task reads its own PR_GET_PDEATHSIG (prctl 2).
+    code = "import ctypes; s = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(s)); print(s.value)"
+    out = AttemptRunner(_launch(tmp_path, ["python3", "-c", code])).wait(10)
+    assert out is not None and out["ok"], out
+    assert (tmp_path / "logs" / "t.1.log").read_text().strip() == str(int(signal.SIGKILL))
