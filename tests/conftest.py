@@ -1,11 +1,15 @@
-"""Session-wide test setup: quiet gRPC, Ray's required settings, one shared local Ray."""
+"""Session-wide test setup: quiet gRPC, Ray's required settings, one shared local Ray, and an
+in-process discovery with its endpoint cache for tests that need no etcd."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+
+from agentmesh.discovery.base import EndpointCache
+from agentmesh.discovery.memory import MemoryDiscovery
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 for _k, _v in {
@@ -35,3 +39,12 @@ def ray_session() -> Iterator[None]:
     shutdown = init_ray(None, num_cpus=2)
     yield
     shutdown()
+
+
+@pytest.fixture
+async def memory_mesh() -> AsyncIterator[tuple[MemoryDiscovery, EndpointCache]]:
+    """An in-process discovery (no etcd) and a watch-fed endpoint cache on it."""
+    disc = MemoryDiscovery()
+    cache = EndpointCache(disc)
+    yield disc, cache
+    await cache.close()

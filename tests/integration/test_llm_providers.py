@@ -53,14 +53,6 @@ def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(var, KEYS[provider])
 
 
-@pytest.fixture
-async def cache() -> AsyncIterator[tuple[MemoryDiscovery, EndpointCache]]:
-    disc = MemoryDiscovery()
-    endpoints = EndpointCache(disc)
-    yield disc, endpoints
-    await endpoints.close()
-
-
 def _endpoint(fake: FakeProviders, provider: str) -> Endpoint:
     meta = {
         "provider": provider,
@@ -77,9 +69,9 @@ def _endpoint(fake: FakeProviders, provider: str) -> Endpoint:
 
 
 async def _client(
-    cache: tuple[MemoryDiscovery, EndpointCache], fake: FakeProviders, provider: str, **kw: Any
+    memory_mesh: tuple[MemoryDiscovery, EndpointCache], fake: FakeProviders, provider: str, **kw: Any
 ) -> LlmClient:
-    disc, endpoints = cache
+    disc, endpoints = memory_mesh
     ep = _endpoint(fake, provider)
     await disc.register(ep)
     await endpoints.wait_for(ep.service, bool, timeout_s=2)
@@ -107,8 +99,8 @@ EXPECTED_PATH = {
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-async def test_chat_sends_the_providers_request(cache: Any, fake: FakeProviders, provider: str) -> None:
-    client = await _client(cache, fake, provider)
+async def test_chat_sends_the_providers_request(memory_mesh: Any, fake: FakeProviders, provider: str) -> None:
+    client = await _client(memory_mesh, fake, provider)
     try:
         res = await client.chat(HELLO, max_tokens=8, seed=1)
     finally:
@@ -126,8 +118,8 @@ async def test_chat_sends_the_providers_request(cache: Any, fake: FakeProviders,
 
 
 @pytest.mark.parametrize("provider", ["openai", "azure"])
-async def test_completions_path(cache: Any, fake: FakeProviders, provider: str) -> None:
-    client = await _client(cache, fake, provider)
+async def test_completions_path(memory_mesh: Any, fake: FakeProviders, provider: str) -> None:
+    client = await _client(memory_mesh, fake, provider)
     try:
         res = await client.complete("once upon", max_tokens=4)
     finally:
@@ -138,8 +130,8 @@ async def test_completions_path(cache: Any, fake: FakeProviders, provider: str) 
     assert req.path == expected and req.body["prompt"] == "once upon"
 
 
-async def test_gemini_completions_refused_before_sending(cache: Any, fake: FakeProviders) -> None:
-    client = await _client(cache, fake, "gemini")
+async def test_gemini_completions_refused_before_sending(memory_mesh: Any, fake: FakeProviders) -> None:
+    client = await _client(memory_mesh, fake, "gemini")
     try:
         with pytest.raises(LlmError, match="no legacy /completions"):
             await client.complete("once upon", max_tokens=4)
@@ -150,10 +142,10 @@ async def test_gemini_completions_refused_before_sending(cache: Any, fake: FakeP
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_429_waits_for_retry_after_then_succeeds(
-    cache: Any, fake: FakeProviders, provider: str
+    memory_mesh: Any, fake: FakeProviders, provider: str
 ) -> None:
     fake.fail(provider, 429, 1, retry_after_s=1)
-    client = await _client(cache, fake, provider)
+    client = await _client(memory_mesh, fake, provider)
     t0 = time.monotonic()
     try:
         res = await client.chat(HELLO, max_tokens=4)
@@ -172,9 +164,9 @@ async def test_429_waits_for_retry_after_then_succeeds(
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("status", [500, 503])
-async def test_5xx_then_success(cache: Any, fake: FakeProviders, provider: str, status: int) -> None:
+async def test_5xx_then_success(memory_mesh: Any, fake: FakeProviders, provider: str, status: int) -> None:
     fake.fail(provider, status, 2)
-    client = await _client(cache, fake, provider, max_attempts=4)
+    client = await _client(memory_mesh, fake, provider, max_attempts=4)
     try:
         res = await client.chat(HELLO, max_tokens=4)
     finally:
@@ -190,10 +182,10 @@ async def test_5xx_then_success(cache: Any, fake: FakeProviders, provider: str, 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_persistent_5xx_gives_up_after_max_attempts(
-    cache: Any, fake: FakeProviders, provider: str
+    memory_mesh: Any, fake: FakeProviders, provider: str
 ) -> None:
     fake.fail(provider, 503, 100)
-    client = await _client(cache, fake, provider, max_attempts=3)
+    client = await _client(memory_mesh, fake, provider, max_attempts=3)
     try:
         with pytest.raises(LlmError) as info:
             await client.chat(HELLO, max_tokens=4)
@@ -207,11 +199,11 @@ async def test_persistent_5xx_gives_up_after_max_attempts(
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_wrong_key_is_refused_once_and_never_shown(
-    cache: Any, fake: FakeProviders, provider: str, monkeypatch: pytest.MonkeyPatch
+    memory_mesh: Any, fake: FakeProviders, provider: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wrong = "sk-wrong-key-do-not-print-77"
     monkeypatch.setenv(KEY_ENV[provider], wrong)
-    client = await _client(cache, fake, provider)
+    client = await _client(memory_mesh, fake, provider)
     try:
         with pytest.raises(LlmRequestError) as info:
             await client.chat(HELLO, max_tokens=4)
@@ -225,10 +217,10 @@ async def test_wrong_key_is_refused_once_and_never_shown(
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_missing_key_names_the_variable_and_sends_nothing(
-    cache: Any, fake: FakeProviders, provider: str, monkeypatch: pytest.MonkeyPatch
+    memory_mesh: Any, fake: FakeProviders, provider: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(KEY_ENV[provider])
-    client = await _client(cache, fake, provider)
+    client = await _client(memory_mesh, fake, provider)
     try:
         with pytest.raises(LlmError, match=f"environment variable {KEY_ENV[provider]} is not set"):
             await client.chat(HELLO, max_tokens=4)
@@ -238,10 +230,10 @@ async def test_missing_key_names_the_variable_and_sends_nothing(
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-async def test_stream_after_a_503(cache: Any, fake: FakeProviders, provider: str) -> None:
+async def test_stream_after_a_503(memory_mesh: Any, fake: FakeProviders, provider: str) -> None:
     """A 503 before the first event is retried; then the events arrive in order, with usage."""
     fake.fail(provider, 503, 1)
-    client = await _client(cache, fake, provider)
+    client = await _client(memory_mesh, fake, provider)
     body = {"messages": HELLO, "max_tokens": 8, "stream_options": {"include_usage": True}}
     try:
         events = [e async for e in client.stream("/v1/chat/completions", body)]
@@ -261,9 +253,9 @@ async def test_stream_after_a_503(cache: Any, fake: FakeProviders, provider: str
     assert acc["ttft_s"]["count"] == 1
 
 
-async def test_send_passes_the_body_through(cache: Any, fake: FakeProviders) -> None:
+async def test_send_passes_the_body_through(memory_mesh: Any, fake: FakeProviders) -> None:
     """The gateway server's raw path: any OpenAI body, the model set per replica."""
-    client = await _client(cache, fake, "azure")
+    client = await _client(memory_mesh, fake, "azure")
     try:
         reply = await client.send(
             "/v1/chat/completions", {"messages": HELLO, "max_tokens": 3, "logprobs": True, "model": "ignored"}

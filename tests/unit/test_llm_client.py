@@ -168,14 +168,6 @@ def _ep(n: int) -> Endpoint:
     )
 
 
-@pytest.fixture
-async def mesh() -> Any:
-    disc = MemoryDiscovery()
-    cache = EndpointCache(disc)
-    yield disc, cache
-    await cache.close()
-
-
 async def _client(cache: EndpointCache, transport: FakeTransport, **kw: Any) -> LlmClient:
     kw.setdefault("backoff_initial_s", 0.001)
     kw.setdefault("backoff_max_s", 0.002)
@@ -199,8 +191,8 @@ def test_service_name_sanitized() -> None:
         llm_service_name("  ")
 
 
-async def test_chat_returns_text_usage_and_replica(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_chat_returns_text_usage_and_replica(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     transport = FakeTransport()
     client = await _client(cache, transport)
@@ -215,8 +207,8 @@ async def test_chat_returns_text_usage_and_replica(mesh: Any) -> None:
     assert transport.closed
 
 
-async def test_complete_uses_completions_endpoint(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_complete_uses_completions_endpoint(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     urls: list[str] = []
 
@@ -236,9 +228,9 @@ async def test_complete_uses_completions_endpoint(mesh: Any) -> None:
     )
 
 
-async def test_less_loaded_of_two_wins(mesh: Any) -> None:
+async def test_less_loaded_of_two_wins(memory_mesh: Any) -> None:
     """Two replicas: p2c compares both, so while one holds a call the next goes to the other."""
-    disc, cache = mesh
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     msgs = [{"role": "user", "content": "x"}]
     for seed in range(10):
@@ -263,8 +255,8 @@ async def test_less_loaded_of_two_wins(mesh: Any) -> None:
         assert all(s.in_flight == 0 for s in client.stats().values())
 
 
-async def test_p2c_spreads_load_evenly_among_many(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_p2c_spreads_load_evenly_among_many(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, *(_ep(n) for n in range(1, 5)))
     release = asyncio.Event()
 
@@ -285,8 +277,8 @@ async def test_p2c_spreads_load_evenly_among_many(mesh: Any) -> None:
     await asyncio.gather(*tasks)
 
 
-async def test_retry_goes_to_another_replica(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_retry_goes_to_another_replica(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2), _ep(3))
 
     def refuse(url: str, payload: Mapping[str, Any]) -> TransportResponse:
@@ -303,8 +295,8 @@ async def test_retry_goes_to_another_replica(mesh: Any) -> None:
             assert res.replica_id != f"r{bad}"
 
 
-async def test_503_is_retried_elsewhere_and_counted(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_503_is_retried_elsewhere_and_counted(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     transport = FakeTransport({"10.0.0.1:8000": lambda u, p: TransportResponse(503, b"draining")})
     client = await _client(cache, transport)
@@ -313,8 +305,8 @@ async def test_503_is_retried_elsewhere_and_counted(mesh: Any) -> None:
     assert client.stats()["r1"].failures >= 1
 
 
-async def test_429_then_success(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_429_then_success(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))  # one replica: the retry has to go back to it
     answers = iter([TransportResponse(429, b'{"error": "full"}'), _ok("second")])
     transport = FakeTransport({"10.0.0.1:8000": lambda u, p: next(answers)})
@@ -323,8 +315,8 @@ async def test_429_then_success(mesh: Any) -> None:
     assert res.text == "second" and res.attempts == 2 and len(transport.calls) == 2
 
 
-async def test_llm_error_after_max_attempts(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_llm_error_after_max_attempts(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
 
     def boom(url: str, payload: Mapping[str, Any]) -> TransportResponse:
@@ -337,8 +329,8 @@ async def test_llm_error_after_max_attempts(mesh: Any) -> None:
     assert len(transport.calls) == 4
 
 
-async def test_bad_request_is_not_retried(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_bad_request_is_not_retried(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     bad = lambda u, p: TransportResponse(400, b'{"error": "max_tokens too large"}')  # noqa: E731
     transport = FakeTransport({"10.0.0.1:8000": bad, "10.0.0.2:8000": bad})
@@ -348,8 +340,8 @@ async def test_bad_request_is_not_retried(mesh: Any) -> None:
     assert len(transport.calls) == 1
 
 
-async def test_deadline_bounds_the_call(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_deadline_bounds_the_call(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
 
     async def hang(url: str, payload: Mapping[str, Any]) -> TransportResponse:
@@ -365,8 +357,8 @@ async def test_deadline_bounds_the_call(mesh: Any) -> None:
     assert loop.time() - t0 < 1.0
 
 
-async def test_removed_replica_gets_no_new_requests(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_removed_replica_gets_no_new_requests(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     transport = FakeTransport()
     client = await _client(cache, transport)
@@ -382,15 +374,15 @@ async def test_removed_replica_gets_no_new_requests(mesh: Any) -> None:
     assert set(transport.addresses()) == {"10.0.0.2:8000"}
 
 
-async def test_no_replica_is_a_clear_error(mesh: Any) -> None:
-    _, cache = mesh
+async def test_no_replica_is_a_clear_error(memory_mesh: Any) -> None:
+    _, cache = memory_mesh
     client = await _client(cache, FakeTransport(), endpoint_wait_s=0.05)
     with pytest.raises(LlmError, match=r"no replica registered.*llm\.org-tiny-model"):
         await client.chat([{"role": "user", "content": "x"}], max_tokens=1)
 
 
-async def test_waits_for_a_replica_to_appear(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_waits_for_a_replica_to_appear(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     client = await _client(cache, FakeTransport(), endpoint_wait_s=5)
     call = asyncio.create_task(client.chat([{"role": "user", "content": "x"}], max_tokens=1))
     await asyncio.sleep(0.01)
@@ -399,8 +391,8 @@ async def test_waits_for_a_replica_to_appear(mesh: Any) -> None:
     assert (await asyncio.wait_for(call, 2)).replica_id == "r3"
 
 
-async def test_session_affinity_sticks(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_session_affinity_sticks(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, *(_ep(n) for n in range(1, 6)))
     client = await _client(cache, FakeTransport())
     msgs = [{"role": "user", "content": "x"}]
@@ -418,15 +410,15 @@ async def test_session_affinity_sticks(mesh: Any) -> None:
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "temperature": -1}, "temperature"),
     ],
 )
-async def test_bad_input_names_the_field(mesh: Any, kwargs: dict[str, Any], field: str) -> None:
-    _, cache = mesh
+async def test_bad_input_names_the_field(memory_mesh: Any, kwargs: dict[str, Any], field: str) -> None:
+    _, cache = memory_mesh
     client = await _client(cache, FakeTransport())
     with pytest.raises(ValueError, match=field):
         await client.chat(**kwargs)
 
 
-async def test_span_joins_the_callers_trace(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_span_joins_the_callers_trace(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -449,8 +441,8 @@ async def test_span_joins_the_callers_trace(mesh: Any) -> None:
 # -- failover, rejection, slowness, streaming, accounting ---------------------------------------
 
 
-async def test_unreachable_replica_is_dropped_at_once_and_no_call_fails(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_unreachable_replica_is_dropped_at_once_and_no_call_fails(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, *(_ep(n) for n in range(1, 5)))
     killed = False
 
@@ -476,8 +468,8 @@ async def test_unreachable_replica_is_dropped_at_once_and_no_call_fails(mesh: An
     assert snap["calls_failed"] == {}
 
 
-async def test_retry_after_holds_a_rejecting_replica_out(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_retry_after_holds_a_rejecting_replica_out(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     full = lambda u, p: TransportResponse(429, b'{"error": "full"}', {"retry-after": "30"})  # noqa: E731
     transport = FakeTransport({"10.0.0.1:8000": full})
@@ -489,8 +481,8 @@ async def test_retry_after_holds_a_rejecting_replica_out(mesh: Any) -> None:
     assert client.stats()["r1"].held_until > 0
 
 
-async def test_single_replica_retry_waits_its_retry_after(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_single_replica_retry_waits_its_retry_after(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     answers = iter([TransportResponse(429, b"slow down", {"retry-after": "0.2"}), _ok("after")])
     transport = FakeTransport({"10.0.0.1:8000": lambda u, p: next(answers)})
@@ -502,8 +494,8 @@ async def test_single_replica_retry_waits_its_retry_after(mesh: Any) -> None:
     assert loop.time() - t0 >= 0.19
 
 
-async def test_slow_replica_is_routed_around(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_slow_replica_is_routed_around(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, *(_ep(n) for n in range(1, 5)))
 
     async def slow(url: str, payload: Mapping[str, Any]) -> TransportResponse:
@@ -528,8 +520,8 @@ async def test_slow_replica_is_routed_around(mesh: Any) -> None:
     assert counts["r1"] < min(counts[r] for r in ("r2", "r3", "r4")) / 3, counts
 
 
-async def test_other_clients_load_seen_through_the_probe(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_other_clients_load_seen_through_the_probe(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     transport = FakeTransport()
     transport.probe_handlers["10.0.0.1:8000"] = lambda url: _metrics(30, 10)  # busy with others
     client = await _client(cache, transport)
@@ -541,8 +533,8 @@ async def test_other_clients_load_seen_through_the_probe(mesh: Any) -> None:
     assert client.stats()["r1"].reported_waiting == 10
 
 
-async def test_stream_yields_events_measures_ttft_and_hides_usage_unless_asked(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_stream_yields_events_measures_ttft_and_hides_usage_unless_asked(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     transport = FakeTransport()
     client = await _client(cache, transport)
@@ -558,8 +550,8 @@ async def test_stream_yields_events_measures_ttft_and_hides_usage_unless_asked(m
     assert acc["ok"] == 2 and acc["completion_tokens"] == 4 and acc["ttft_s"]["count"] == 2
 
 
-async def test_chat_with_measure_ttft_streams_internally(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_chat_with_measure_ttft_streams_internally(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     client = await _client(cache, FakeTransport(), measure_ttft=True)
     res = await client.chat([{"role": "user", "content": "x"}], max_tokens=4)
@@ -573,8 +565,8 @@ async def test_chat_with_measure_ttft_streams_internally(mesh: Any) -> None:
     assert res.replica_id == "r1"
 
 
-async def test_stream_retries_before_the_first_event_only(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_stream_retries_before_the_first_event_only(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     transport = FakeTransport()
     transport.stream_handlers["10.0.0.1:8000"] = lambda u, p: TransportResponse(503, b"busy")
@@ -594,8 +586,8 @@ async def test_stream_retries_before_the_first_event_only(mesh: Any) -> None:
     assert len(got) == 1  # what arrived before the break was passed on; no silent retry
 
 
-async def test_request_error_carries_status_and_body(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_request_error_carries_status_and_body(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1))
     transport = FakeTransport({"10.0.0.1:8000": lambda u, p: TransportResponse(422, b'{"error": "bad"}')})
     client = await _client(cache, transport)
@@ -605,8 +597,8 @@ async def test_request_error_carries_status_and_body(mesh: Any) -> None:
     assert client.accounting.snapshot()["replicas"][0]["errors"] == {"refused": 1}
 
 
-async def test_accounting_counts_tokens_latency_and_errors_per_replica(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_accounting_counts_tokens_latency_and_errors_per_replica(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     transport = FakeTransport({"10.0.0.1:8000": lambda u, p: TransportResponse(500, b"oops")})
     client = await _client(cache, transport)
@@ -629,8 +621,8 @@ async def test_accounting_counts_tokens_latency_and_errors_per_replica(mesh: Any
     assert samples[errors] >= 1
 
 
-async def test_random_policy_is_available_for_baselines(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_random_policy_is_available_for_baselines(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     await _register(disc, cache, _ep(1), _ep(2))
     client = await _client(cache, FakeTransport(), policy="random")
     assert client.policy == "random"
@@ -640,8 +632,8 @@ async def test_random_policy_is_available_for_baselines(mesh: Any) -> None:
     assert set(ids) == {"r1", "r2"}
 
 
-async def test_close_removes_the_listener(mesh: Any) -> None:
-    disc, cache = mesh
+async def test_close_removes_the_listener(memory_mesh: Any) -> None:
+    disc, cache = memory_mesh
     client = await _client(cache, FakeTransport())
     await client.close()
     await _register(disc, cache, _ep(1))

@@ -14,7 +14,7 @@ import asyncio
 import json
 import random
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,14 +104,6 @@ class ClosingServer:
             writer.close()
 
 
-@pytest.fixture
-async def endpoints() -> AsyncIterator[tuple[MemoryDiscovery, EndpointCache]]:
-    disc = MemoryDiscovery()
-    cache = EndpointCache(disc)
-    yield disc, cache
-    await cache.close()
-
-
 async def _client_on(disc: MemoryDiscovery, cache: EndpointCache, address: str) -> LlmClient:
     # probe "none": only the calls under test touch the server. One attempt per call: a request the
     # transport did not save fails the call instead of being retried quietly by the client.
@@ -127,11 +119,11 @@ def _errors(client: LlmClient) -> dict[str, int]:
 
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 async def test_request_on_a_connection_closed_under_it_is_resent(
-    endpoints: tuple[MemoryDiscovery, EndpointCache], reset: bool
+    memory_mesh: tuple[MemoryDiscovery, EndpointCache], reset: bool
 ) -> None:
     server = ClosingServer(reset=reset)
     address = await server.start()
-    client = await _client_on(*endpoints, address)
+    client = await _client_on(*memory_mesh, address)
     try:
         for _ in range(6):
             res = await client.chat(MESSAGES, max_tokens=4)
@@ -167,11 +159,11 @@ def uvicorn_replica() -> Iterator[str]:
 
 
 async def test_calls_spaced_at_uvicorns_keepalive_see_no_transport_error(
-    endpoints: tuple[MemoryDiscovery, EndpointCache], uvicorn_replica: str
+    memory_mesh: tuple[MemoryDiscovery, EndpointCache], uvicorn_replica: str
 ) -> None:
     # 20 callers, each idle for about uvicorn's keep-alive (0.3 s here) between calls, so its close
-    # often crosses a reused connection (before the fix: 4-5 failed calls of 400 on this machine).
-    client = await _client_on(*endpoints, uvicorn_replica)
+    # often crosses a reused connection (before the fix: 5-12 failed calls of 400 on this machine).
+    client = await _client_on(*memory_mesh, uvicorn_replica)
 
     async def caller(i: int) -> list[int]:
         rng = random.Random(i)
